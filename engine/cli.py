@@ -1,0 +1,83 @@
+"""Command line of ``tools/run_engine``: flags are generated from ``Options``,
+so flags, the TOML file and environment variables always name the same
+options."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from engine import options as opts
+from engine.errors import ConfigError, StartupError
+from engine.options import FIELDS, HELP, PRESETS
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = opts.Options()
+    parser = argparse.ArgumentParser(
+        prog="tools/run_engine",
+        description="Run the BatchScheduler engine in the foreground: embedded PostgreSQL (or --dsn), "
+                    "supervisor, flusher and ingest processes. Prints the socket path, the DSN and a "
+                    "'ready' line; SIGTERM or Ctrl-C drains (stop accepting, flush, reply) and exits 0.",
+        epilog="Every option can also come from a TOML file (--config; top-level keys or an [engine] "
+               "table) or an environment variable BATCHSCHEDULER_<OPTION> (e.g. "
+               "BATCHSCHEDULER_TIME_WINDOW_MS=5). Precedence: defaults < preset < file < environment < flags. "
+               f"Presets (from the seed): {'; '.join(f'{k}: {v}' for k, v in PRESETS.items())}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="TOML file of options")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="start from one of the seed's presets")
+    for name, typ in FIELDS.items():
+        default = getattr(defaults, name)
+        shown = oct(default) if name == "socket_mode" else default
+        kwargs = {"dest": name, "default": None, "help": f"{HELP.get(name, '')} (default: {shown})"}
+        if typ in (bool, "bool"):
+            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            parser.add_argument(_flag(name), metavar=name.upper(), type=str, **kwargs)
+    parser.set_defaults()
+    # ArgumentDefaultsHelpFormatter would print "(default: None)": defaults live in the help text.
+    parser.formatter_class = argparse.HelpFormatter
+    return parser
+
+
+def parse_options(argv: list[str] | None = None) -> opts.Options:
+    args = build_parser().parse_args(argv)
+    flags = {}
+    for name in FIELDS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        flags[name] = value if isinstance(value, bool) else opts.parse_text(name, value, source=f"flag {_flag(name)}")
+    return opts.resolve(config_file=args.config, preset_name=args.preset, flags=flags)
+
+
+def run_engine_main(argv: list[str] | None = None) -> int:
+    try:
+        options = parse_options(argv)
+    except ConfigError as exc:
+        print(f"run_engine: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=options.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s batchscheduler: supervisor [%(levelname)s] %(name)s: %(message)s")
+    from setproctitle import setproctitle
+
+    from engine.supervisor import Supervisor
+
+    setproctitle("batchscheduler: supervisor")
+    supervisor = Supervisor(options)
+    supervisor.install_signal_handlers()
+    try:
+        supervisor.start()
+    except (StartupError, ConfigError, OSError) as exc:
+        print(f"run_engine: cannot start: {exc}", file=sys.stderr)
+        return 1
+    print(f"socket: {supervisor.socket_path}", flush=True)
+    print(f"dsn: {supervisor._safe_dsn()}", flush=True)
+    print(f"ready (pid {__import__('os').getpid()}, {options.ingests} ingest(s), "
+          f"window {options.time_window_ms:g} ms, max batch {options.max_batch_size})", flush=True)
+    return supervisor.run()

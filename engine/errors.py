@@ -1,0 +1,34 @@
+"""The engine's typed errors. Hot paths return values; edges raise these."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+
+class ConfigError(EngineError, ValueError):
+    """An option has a bad value; the message names the field and the value."""
+
+    def __init__(self, field: str, value: object, why: str) -> None:
+        super().__init__(f"{field}={value!r}: {why}")
+        self.field = field
+        self.value = value
+
+
+class NotRuntimeConfigurable(ConfigError):
+    """The option can only change with a restart."""
+
+
+class HandlerError(EngineError):
+    """A handler refused an intent; the intent is dead-lettered with this reason."""
+
+    code = "handler_error"
+
+
+class StartupError(EngineError):
+    """The engine could not start (database, socket, workers); says which."""
+
+
+class ClientError(EngineError):
+    """The client could not reach the engine or the engine closed on it."""

@@ -1,0 +1,304 @@
+"""The flusher: cuts batches out of the rings and commits each in one transaction.
+
+Loop (one thread, no spinning): scan what the ingests published, apply the
+dual condition (``policy.decide_cut``), and either cut a batch or sleep on the
+data eventfd for exactly the time left in the window. A cut takes records from
+the rings in a fixed rotation (ring ``b mod N`` first for batch ``b``, so no
+ring starves), writes them, and only after COMMIT returns: writes the
+exceptional outcomes to each ingest's outcome ring, advances each ring's
+commit cursor, and wakes the ingests to reply.
+
+A flusher killed at any point loses nothing: the records stay in the rings
+until the commit cursor passes them, and its successor starts at the commit
+cursor. Records committed but not yet acknowledged are written again; the
+unique key turns that into "duplicate" and the original outcome is replied.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import msgspec
+import psycopg
+
+from engine import policy
+from engine.intent import DEAD_LETTERED, Outcome, clip_reason
+from engine.options import Options
+from engine.pipeline import Pipeline
+from ipc.control import Config, Control, Flusher as F
+from ipc.ring import Run
+from ipc.wakeup import Wakeup
+from persistence.writer import BatchWriter, WriteResult, is_connection_error
+
+log = logging.getLogger(__name__)
+
+_NS = 1_000_000_000
+# How long an idle flusher sleeps before re-checking the drain flag and the
+# runtime config when nothing wakes it; it is woken for data anyway.
+IDLE_WAIT_S = 0.5
+
+
+class _Pending:
+    """Records scanned from one ring but not yet cut."""
+
+    __slots__ = ("positions", "recv_ns", "payloads", "end")
+
+    def __init__(self, start: int) -> None:
+        self.positions: list[int] = []
+        self.recv_ns: list[int] = []
+        self.payloads: list[memoryview] = []
+        self.end = start  # where the next scan starts
+
+    def extend(self, run: Run) -> None:
+        self.positions += run.positions
+        self.recv_ns += run.recv_ns
+        self.payloads += run.payloads
+        self.end = run.end
+
+    def take(self, k: int) -> tuple[list[memoryview], int]:
+        """Remove the first ``k`` records; returns their payloads and the
+        position the ring may be committed up to once they are durable."""
+        payloads = self.payloads[:k]
+        commit_to = self.positions[k] if k < len(self.positions) else self.end
+        del self.positions[:k], self.recv_ns[:k], self.payloads[:k]
+        return payloads, commit_to
+
+
+class FlusherProcess:
+    def __init__(self, control: Control, data_wake: Wakeup, ingest_wakes: list[Wakeup],
+                 dsn: str, options: Options, pipeline: Pipeline | None) -> None:
+        self.control = control
+        self.rings = control.intent_rings
+        self.outcome_rings = control.outcome_rings
+        self.data_wake = data_wake
+        self.ingest_wakes = ingest_wakes
+        self.dsn = dsn
+        self.options = options
+        self.pipeline = pipeline
+        self.counters = control.flusher
+        self.pending = [_Pending(r.committed()) for r in self.rings]
+        self.stopping = False
+        self.batch_no = 0
+        self.config_epoch = -1
+        self.window_ns = int(options.time_window_ms * 1e6)
+        self.adaptive = policy.AdaptiveLimit(
+            initial=options.max_batch_size, minimum=options.min_batch_size, maximum=options.max_batch_size,
+            factor=options.adjustment_factor, error_rate_threshold=options.error_rate_threshold,
+            latency_threshold_s=options.latency_threshold_ms / 1000, enabled=options.adaptive_batching)
+        self.breaker = policy.CircuitBreaker(
+            failure_threshold=options.breaker_failure_threshold,
+            recovery_timeout_s=options.breaker_recovery_timeout_s,
+            test_count=options.breaker_half_open_test_count)
+        self.reconnect = policy.Backoff(initial=0.05, maximum=2.0)
+        self.conn: psycopg.Connection | None = None
+        self.writer: BatchWriter | None = None
+        self._outcome_enc = msgspec.msgpack.Encoder()
+
+    # ------------------------------------------------------------------ control
+    def stop(self, *_: object) -> None:
+        """Signal handler: finish what is in the rings, then return from run()."""
+        self.stopping = True
+        self.data_wake.signal()
+
+    def _read_config(self) -> None:
+        cfg = self.control.config
+        epoch = cfg.get(Config.EPOCH)
+        if epoch == self.config_epoch:
+            return
+        self.config_epoch = epoch
+        self.window_ns = cfg.get(Config.WINDOW_US) * 1000
+        self.adaptive.reconfigure(maximum=cfg.get(Config.MAX_BATCH), minimum=cfg.get(Config.MIN_BATCH),
+                                  enabled=bool(cfg.get(Config.ADAPTIVE)))
+        self.counters.set(F.BATCH_LIMIT, self.adaptive.limit)
+
+    # --------------------------------------------------------------------- loop
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        self._read_config()
+        while True:
+            self._read_config()
+            draining = self.stopping or bool(self.control.config.get(Config.DRAINING))
+            limit = self.adaptive.limit if self.breaker.state != policy.HALF_OPEN else 1
+            total = self._scan(limit)
+            if total == 0:
+                if self.stopping:
+                    return
+                self.data_wake.wait(IDLE_WAIT_S)
+                continue
+            if not self.breaker.allow():
+                self.counters.set(F.BREAKER, self.breaker.state)
+                self.data_wake.wait(min(self.breaker.retry_in(), IDLE_WAIT_S))
+                if self.stopping and self.breaker.state == policy.OPEN:
+                    log.error("stopping with %d intents unflushed (database unavailable); "
+                              "they stay in the rings for the next start's resend", total)
+                    return
+                continue
+            oldest = min(p.recv_ns[0] for p in self.pending if p.positions)
+            reason, wait_ns = policy.decide_cut(total, limit, oldest, self.window_ns,
+                                                time.monotonic_ns(), draining)
+            if reason is None:
+                self.data_wake.wait(wait_ns / _NS)
+                continue
+            self._flush(reason, limit)
+
+    def _scan(self, limit: int) -> int:
+        """Read newly published records (at most ``limit`` per ring)."""
+        total = 0
+        for ring, pend in zip(self.rings, self.pending):
+            have = len(pend.positions)
+            if have < limit:
+                published = ring.published()
+                if published > pend.end:
+                    pend.extend(ring.read(pend.end, published, limit - have))
+            total += len(pend.positions)
+        return total
+
+    # -------------------------------------------------------------------- flush
+    def _flush(self, reason: str, limit: int) -> None:
+        n_rings = len(self.rings)
+        start = self.batch_no % n_rings
+        order = [(start + k) % n_rings for k in range(n_rings)]
+        room = limit
+        takes: list[tuple[int, int]] = []  # (ring index, count)
+        for i in order:
+            k = min(room, len(self.pending[i].positions))
+            if k:
+                takes.append((i, k))
+                room -= k
+            if not room:
+                break
+        first_ns = min(self.pending[i].recv_ns[0] for i, _ in takes)
+        parts: list[memoryview] = []
+        for i, k in takes:
+            parts += self.pending[i].payloads[:k]
+        size = len(parts)
+        batch = b"[" + b",".join(parts) + b"]"
+        mono_now, wall_now = time.monotonic_ns(), time.time()
+        first_wall = wall_now - (mono_now - first_ns) / _NS
+        result = self._write(batch, parts, reason, first_wall, wall_now)
+        if result is None:
+            return  # records stay pending; retried after the breaker/backoff
+        latency_s = (time.monotonic_ns() - first_ns) / _NS
+        # Durable: now tell the ingests, outcomes before cursors.
+        ord_base = 0
+        for i, k in takes:
+            positions = self.pending[i].positions[:k]
+            self._publish_outcomes(i, positions, ord_base, result)
+            taken, commit_to = self.pending[i].take(k)
+            for view in taken:
+                view.release()
+            self.rings[i].commit(commit_to)
+            self.ingest_wakes[i].signal()
+            ord_base += k
+        self.batch_no += 1
+        self._account(result, size, reason, latency_s)
+
+    def _write(self, batch: bytes, parts: list[memoryview], reason: str, first_wall: float,
+               cut_wall: float) -> WriteResult | None:
+        text = batch.decode()
+        planner = self.pipeline.planner(batch) if self.pipeline is not None else None
+        try:
+            writer = self._writer()
+            try:
+                return writer.write(text, len(parts), reason, first_wall, cut_wall, planner)
+            except Exception as exc:  # data error or pipeline failure: isolate the culprit
+                if isinstance(exc, psycopg.Error) and is_connection_error(exc):
+                    raise
+                if self.conn is not None and not self.conn.closed and self.conn.info.transaction_status:
+                    self.conn.rollback()
+                self.counters.add(F.FALLBACKS, 1)
+                log.warning("batch of %d failed on its data (%s); retrying intent by intent",
+                            len(parts), str(exc).strip().splitlines()[0])
+                planner = self.pipeline.planner(batch) if self.pipeline is not None else None
+                return writer.write_isolated(text, [bytes(p).decode() for p in parts], reason,
+                                             first_wall, cut_wall, planner)
+        except psycopg.Error as exc:
+            self._db_failed(exc)
+            return None
+
+    def _writer(self) -> BatchWriter:
+        if self.conn is None or self.conn.closed:
+            self.conn = psycopg.connect(self.dsn, connect_timeout=5,
+                                        application_name="batchscheduler flusher")
+            self.writer = BatchWriter(self.conn, notify=self.options.notify_batches)
+            self.reconnect.reset()
+        assert self.writer is not None
+        return self.writer
+
+    def _db_failed(self, exc: BaseException) -> None:
+        self.counters.add(F.DB_ERRORS, 1)
+        self.breaker.failure()
+        self.counters.set(F.CONSECUTIVE_FAILURES, self.breaker.failures)
+        self.counters.set(F.BREAKER, self.breaker.state)
+        self.adaptive.observe(failed_fraction=1.0, latency_s=0.0, size_triggered=False)
+        self.counters.set(F.BATCH_LIMIT, self.adaptive.limit)
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg.Error:  # pragma: no cover - closing a dead connection
+                pass
+            self.conn = None
+        delay = self.reconnect.next_delay()
+        log.error("database write failed (%s: %s); breaker %s, retrying in %.2fs",
+                  type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                  policy.STATE_NAMES[self.breaker.state], delay)
+        self.data_wake.wait(delay)
+
+    def _publish_outcomes(self, ring_index: int, positions: list[int], ord_base: int,
+                          result: WriteResult) -> None:
+        if not result.outcomes:
+            return
+        ring = self.outcome_rings[ring_index]
+        encode = self._outcome_enc.encode
+        delay = 0.001
+        pending = []
+        for j, pos in enumerate(positions):
+            out = result.outcomes.get(ord_base + j + 1)
+            if out is not None:
+                status, code, reason, duplicate = out
+                pending.append(encode(Outcome(pos, status, code, clip_reason(reason), duplicate)))
+        while pending:
+            written = 0
+            with ring.claim() as claim:
+                for payload in pending:
+                    if not claim.try_append(payload):
+                        break
+                    written += 1
+            del pending[:written]
+            if pending:
+                # The ingest drains this ring whenever it is woken; rare path.
+                self.ingest_wakes[ring_index].signal()
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+
+    def _account(self, result: WriteResult, size: int, reason: str, latency_s: float) -> None:
+        c = self.counters
+        dead = sum(1 for o in result.outcomes.values() if o[0] == DEAD_LETTERED and not o[3])
+        dups = sum(1 for o in result.outcomes.values() if o[3])
+        c.add(F.BATCHES, 1)
+        c.add(F.INTENTS, size)
+        c.add(F.COMMITTED, result.new - dead)
+        c.add(F.DEAD_LETTERED, dead)
+        c.add(F.DUPLICATES, dups)
+        c.add({policy.TIME: F.TIME_CUTS, policy.SIZE: F.SIZE_CUTS}.get(reason, F.DRAIN_CUTS), 1)
+        c.set(F.LAST_FLUSH_WALL_NS, time.time_ns())
+        c.set(F.LAST_BATCH_SIZE, size)
+        prev = c.get(F.LATENCY_EWMA_US)
+        lat_us = int(latency_s * 1e6)
+        c.set(F.LATENCY_EWMA_US, lat_us if prev == 0 else prev + (lat_us - prev) // 20)
+        self.breaker.success()
+        c.set(F.BREAKER, self.breaker.state)
+        c.set(F.CONSECUTIVE_FAILURES, 0)
+        c.set(F.BATCH_LIMIT, self.adaptive.observe(failed_fraction=dead / size, latency_s=latency_s,
+                                                   size_triggered=reason == policy.SIZE))
+
+    def close(self) -> None:
+        for pend in self.pending:
+            for view in pend.payloads:
+                view.release()
+            pend.payloads = []
+        if self.conn is not None:
+            self.conn.close()

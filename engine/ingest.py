@@ -1,0 +1,420 @@
+"""An ingest process: sockets in, ring records out, replies after commit.
+
+One asyncio loop. Each connection decodes its frames (``ipc.wire``) into
+``Intent`` structs, validates them, and appends ring records; one publish and
+one flusher wake-up per socket read, not per intent. The ingest remembers
+``(ring position, connection, client_id, seq)`` for every record it wrote.
+When the flusher's commit cursor passes a position, that intent is durable:
+the ingest reads the outcome ring for the exceptions (dead letters,
+duplicates) and replies to everything before the cursor.
+
+Backpressure, never loss: a full ring, too many unanswered intents on one
+connection, or a client that does not read its replies each pause reading
+from the socket(s) concerned until it clears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import msgspec
+
+from engine import intent as im, metrics
+from engine.intent import Intent, Outcome, Probe, Record, Reply, Request
+from engine.options import Options
+from ipc import wire
+from ipc.control import Control, Flusher as F, Ingest as I
+from ipc.layout import record_size
+from ipc.wakeup import Wakeup
+
+log = logging.getLogger(__name__)
+
+# A client that stops reading its replies: past this much unsent reply data
+# we stop reading its requests (asyncio's default high-water mark is 64 KiB).
+WRITE_HIGH_WATER = 1 << 20
+
+
+class Connection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, ingest: "IngestProcess") -> None:
+        self.ingest = ingest
+        self.reader = wire.FrameReader(ingest.options.max_frame_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.in_flight = 0
+        self.backlog: collections.deque = collections.deque()  # (payload, recv_ns, client_id, seq)
+        self.out: list[bytes] = []
+        self.paused = set()  # reasons reading is paused: "ring", "inflight", "writes", "drain"
+        self.closed = False
+
+    # asyncio callbacks ---------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+        self.ingest.connection_opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.ingest.connection_closed(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except wire.ProtocolError as exc:
+            self.ingest.counters.add(I.REJECTED, 1)
+            self.send(self.ingest.encode_reply(self, Reply(None, None, im.REJECTED, exc.code, exc.reason)))
+            self.flush()
+            self.close()
+            return
+        if frames:
+            self.ingest.handle_frames(self, frames)
+
+    def pause_writing(self) -> None:
+        self.pause("writes")
+
+    def resume_writing(self) -> None:
+        self.resume("writes")
+
+    # helpers --------------------------------------------------------------
+    def pause(self, why: str) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.paused.add(why)
+
+    def resume(self, why: str) -> None:
+        self.paused.discard(why)
+        if not self.paused and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def send(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def flush(self) -> None:
+        if self.out and not self.closed and self.transport is not None:
+            self.transport.write(b"".join(self.out))
+        self.out.clear()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.flush()
+            self.transport.close()
+        self.closed = True
+
+
+class IngestProcess:
+    def __init__(self, index: int, control: Control, listener: socket.socket, data_wake: Wakeup,
+                 commit_wake: Wakeup, options: Options, kinds: frozenset[str]) -> None:
+        self.index = index
+        self.control = control
+        self.ring = control.intent_rings[index]
+        self.ring.resume_producer()
+        self.outcomes = control.outcome_rings[index]
+        self.listener = listener
+        self.data_wake = data_wake
+        self.commit_wake = commit_wake
+        self.options = options
+        self.kinds = kinds
+        self.counters = control.ingest[index]
+        self.connections: set[Connection] = set()
+        self.waiting: collections.deque = collections.deque()  # (position, conn, client_id, seq)
+        self.blocked: collections.deque[Connection] = collections.deque()  # conns with a backlog
+        self.draining = False
+        self._stop = asyncio.Event()
+        self._server: asyncio.AbstractServer | None = None
+        self._dec_json = msgspec.json.Decoder(Intent)
+        self._dec_pack = msgspec.msgpack.Decoder(Intent)
+        self._probe_json = msgspec.json.Decoder(Probe)
+        self._probe_pack = msgspec.msgpack.Decoder(Probe)
+        self._req_json = msgspec.json.Decoder(Request)
+        self._req_pack = msgspec.msgpack.Decoder(Request)
+        self._json = msgspec.json.Encoder()
+        self._pack = msgspec.msgpack.Encoder()
+        self._outcome_dec = msgspec.msgpack.Decoder(Outcome)
+
+    # -------------------------------------------------------------- lifecycle
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.begin_drain)
+        loop.add_signal_handler(signal.SIGINT, self.begin_drain)
+        loop.add_reader(self.commit_wake.fd, self.on_commit)
+        self._server = await loop.create_unix_server(lambda: Connection(self), sock=self.listener,
+                                                     backlog=1024)
+        # Outcomes left by a predecessor belong to connections that are gone.
+        self.on_commit()
+        await self._stop.wait()
+        loop.remove_reader(self.commit_wake.fd)
+
+    def begin_drain(self) -> None:
+        """Stop accepting and reading; reply to everything already read; exit."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("ingest %d draining: %d awaiting commit, %d connections",
+                 self.index, len(self.waiting), len(self.connections))
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.pause("drain")
+        asyncio.get_running_loop().call_later(self.options.drain_timeout_s, self._drain_deadline)
+        self._maybe_finish_drain()
+
+    def _maybe_finish_drain(self) -> None:
+        if self.draining and not self.waiting and not self.blocked:
+            for conn in list(self.connections):
+                conn.close()
+            self._stop.set()
+
+    def _drain_deadline(self) -> None:
+        # Whatever could not be committed in time is answered "busy": it was
+        # not stored, so the client's resend is the right move.
+        for conn in list(self.blocked):
+            while conn.backlog:
+                _, _, client_id, seq = conn.backlog.popleft()
+                conn.send(self.encode_reply(conn, Reply(client_id, seq, im.BUSY, "shutting_down",
+                                                        "engine stopped before this intent was stored; resend")))
+            conn.flush()
+        self.blocked.clear()
+        if self.waiting:
+            log.warning("ingest %d: %d intents still awaiting commit at drain deadline", self.index,
+                        len(self.waiting))
+        for conn in list(self.connections):
+            conn.close()
+        self._stop.set()
+
+    def connection_opened(self, conn: Connection) -> None:
+        if self.draining or len(self.connections) >= self.options.max_connections:
+            why = "engine is shutting down" if self.draining else \
+                f"too many connections (max_connections={self.options.max_connections})"
+            conn.transport.write(self._json.encode(Reply(None, None, im.REJECTED, "unavailable", why)) + b"\n")
+            conn.transport.close()
+            conn.closed = True
+            return
+        self.connections.add(conn)
+        self.counters.set(I.CONNECTIONS_OPEN, len(self.connections))
+        self.counters.add(I.CONNECTIONS_TOTAL, 1)
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        conn.backlog.clear()
+        self.counters.set(I.CONNECTIONS_OPEN, len(self.connections))
+
+    # ------------------------------------------------------------------ input
+    def encode_reply(self, conn: Connection, reply: Any) -> bytes:
+        if conn.reader.mode == wire.MODE_MSGPACK:
+            return wire.frame_msgpack(self._pack.encode(reply))
+        return wire.frame_json(self._json.encode(reply))
+
+    def handle_frames(self, conn: Connection, frames: list) -> None:
+        packed = conn.reader.mode == wire.MODE_MSGPACK
+        decode = self._dec_pack.decode if packed else self._dec_json.decode
+        encode_args = self._json.encode
+        encode_record = self._json.encode
+        busy = self.control.flusher.get(F.BREAKER) == 1
+        recv_ns = time.monotonic_ns()
+        recv_us = time.time_ns() // 1000
+        kinds = self.kinds
+        backlog = conn.backlog
+        accepted = rejected = 0
+        for frame in frames:
+            if isinstance(frame, wire.FrameError):
+                rejected += 1
+                conn.send(self.encode_reply(conn, Reply(None, None, im.REJECTED, frame.code, frame.reason)))
+                continue
+            try:
+                intent = decode(frame)
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+                if not self._control_request(conn, frame, packed):
+                    rejected += 1
+                    conn.send(self._rejection(conn, frame, packed, exc))
+                continue
+            if intent.kind not in kinds:
+                rejected += 1
+                conn.send(self.encode_reply(conn, Reply(
+                    intent.client_id, intent.seq, im.REJECTED, "unknown_kind",
+                    f"unknown kind {intent.kind!r}; known kinds: {', '.join(sorted(kinds))}")))
+                continue
+            try:
+                args = encode_args(intent.args)
+                bad = im.nul_field(intent, args)
+            except (msgspec.EncodeError, UnicodeEncodeError, RecursionError, OverflowError) as exc:
+                bad, args = f"args ({exc})", b""
+            if bad:
+                rejected += 1
+                conn.send(self.encode_reply(conn, Reply(
+                    intent.client_id, intent.seq, im.REJECTED, "invalid",
+                    f"{bad} holds a value PostgreSQL cannot store (NUL character or lone surrogate)")))
+                continue
+            if busy or self.draining:
+                conn.send(self.encode_reply(conn, Reply(
+                    intent.client_id, intent.seq, im.BUSY,
+                    "shutting_down" if self.draining else "database_unavailable",
+                    "engine is shutting down; resend later" if self.draining else
+                    "database unavailable (circuit breaker open); nothing stored, resend later")))
+                continue
+            payload = encode_record(Record(intent.client_id, intent.seq, intent.entity, intent.kind,
+                                           msgspec.Raw(args), recv_us))
+            backlog.append((payload, recv_ns, intent.client_id, intent.seq))
+            accepted += 1
+        if accepted:
+            self.counters.add(I.RECEIVED, accepted)
+            conn.in_flight += accepted
+            self._write_backlog(conn)
+            if conn.backlog and conn not in self.blocked:
+                self.blocked.append(conn)
+                conn.pause("ring")
+                self.counters.set(I.PAUSED, 1)
+            if conn.in_flight >= self.options.max_in_flight_per_connection:
+                conn.pause("inflight")
+        if rejected:
+            self.counters.add(I.REJECTED, rejected)
+        conn.flush()
+
+    def _write_backlog(self, conn: Connection) -> bool:
+        """Move the connection's backlog into the ring; True when emptied."""
+        ring = self.ring
+        backlog = conn.backlog
+        waiting = self.waiting
+        wrote = 0
+        with ring.claim() as claim:
+            while backlog:
+                payload, recv_ns, client_id, seq = backlog[0]
+                if not claim.try_append(payload, recv_ns):
+                    break
+                # Counted back from the end: a pad may have preceded the record.
+                waiting.append((claim.claimed - record_size(len(payload)), conn, client_id, seq))
+                backlog.popleft()
+                wrote += 1
+        if wrote:
+            self.data_wake.signal()
+        return not backlog
+
+    def _control_request(self, conn: Connection, frame: bytes, packed: bool) -> bool:
+        try:
+            req = (self._req_pack if packed else self._req_json).decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            return False
+        body = {"op": req.op, "status": "ok"}
+        if req.op in ("health", "metrics"):
+            body.update(self.health() if req.op == "health" else self.metrics())
+        conn.send(wire.frame_msgpack(self._pack.encode(body)) if packed else wire.frame_json(self._json.encode(body)))
+        return True
+
+    def _rejection(self, conn: Connection, frame: bytes, packed: bool, exc: Exception) -> bytes:
+        client_id = seq = None
+        try:
+            probe = (self._probe_pack if packed else self._probe_json).decode(frame)
+            client_id = probe.client_id if isinstance(probe.client_id, str) else None
+            seq = probe.seq if isinstance(probe.seq, int) and not isinstance(probe.seq, bool) else None
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            pass
+        if isinstance(exc, msgspec.ValidationError):
+            code, reason = "invalid", f"invalid intent: {exc}"
+        elif isinstance(exc, RecursionError):
+            code, reason = "malformed", "message nested too deeply"
+        else:
+            code = "malformed"
+            what = "MessagePack" if packed else "JSON"
+            reason = f"not valid {what}: {exc}"
+            if not packed:
+                try:
+                    frame.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    code, reason = "not_utf8", f"line is not valid UTF-8 (byte {bad.start})"
+        return self.encode_reply(conn, Reply(client_id, seq, im.REJECTED, code, im.clip_reason(reason)))
+
+    # ----------------------------------------------------------------- output
+    def on_commit(self) -> None:
+        """The flusher advanced our commit cursor: reply to what is durable."""
+        self.commit_wake.drain()
+        committed = self.ring.committed()
+        exceptions = self._read_outcomes()
+        waiting = self.waiting
+        touched: set[Connection] = set()
+        encode_json = self._json.encode
+        encode_pack = self._pack.encode
+        replies = 0
+        while waiting and waiting[0][0] < committed:
+            position, conn, client_id, seq = waiting.popleft()
+            replies += 1
+            if conn.closed:
+                continue
+            out = exceptions.get(position)
+            reply = Reply(client_id, seq, im.COMMITTED) if out is None else Reply(
+                client_id, seq, out.status, out.code or None, out.reason or None, out.duplicate)
+            if conn.reader.mode == wire.MODE_MSGPACK:
+                conn.out.append(wire.frame_msgpack(encode_pack(reply)))
+            else:
+                conn.out.append(encode_json(reply) + b"\n")
+            conn.in_flight -= 1
+            touched.add(conn)
+        if replies:
+            self.counters.add(I.REPLIES, replies)
+        limit = self.options.max_in_flight_per_connection
+        for conn in touched:
+            conn.flush()
+            if "inflight" in conn.paused and conn.in_flight < limit // 2 + 1:
+                conn.resume("inflight")
+        self._unblock()
+        self._maybe_finish_drain()
+
+    def _unblock(self) -> None:
+        blocked = self.blocked
+        while blocked:
+            conn = blocked[0]
+            if conn.closed or self._write_backlog(conn):
+                blocked.popleft()
+                if not self.draining:
+                    conn.resume("ring")
+            else:
+                break
+        if not blocked:
+            self.counters.set(I.PAUSED, 0)
+
+    def _read_outcomes(self) -> dict[int, Outcome]:
+        ring = self.outcomes
+        start = ring.committed()
+        end = ring.published()
+        if end <= start:
+            return {}
+        run = ring.read(start, end, 1 << 30)
+        decode = self._outcome_dec.decode
+        found = {}
+        for view in run.payloads:
+            out = decode(view)
+            found[out.position] = out
+        run.release()
+        ring.commit(run.end)
+        return found
+
+    # ----------------------------------------------------------------- status
+    def health(self) -> dict:
+        f = self.control.flusher
+        last = f.get(F.LAST_FLUSH_WALL_NS)
+        breaker = f.get(F.BREAKER)
+        return {
+            "is_healthy": breaker == 0 and not self.draining,
+            "batching_enabled": breaker != 1,
+            "current_batch_size": f.get(F.BATCH_LIMIT),
+            "error_rate": round(f.get(F.DEAD_LETTERED) / max(1, f.get(F.INTENTS)), 6),
+            "average_latency_ms": round(f.get(F.LATENCY_EWMA_US) / 1000, 3),
+            "last_successful_flush": None if not last else time.strftime(
+                "%Y-%m-%dT%H:%M:%S", time.gmtime(last / 1e9)) + f".{last % 1_000_000_000 // 1000:06d}Z",
+            "breaker": ("closed", "open", "half_open")[breaker],
+            "draining": self.draining,
+        }
+
+    def metrics(self) -> dict:
+        return metrics.snapshot(self.control)
+
+
+def run(index: int, control: Control, listener: socket.socket, data_wake: Wakeup, commit_wake: Wakeup,
+        options: Options, kinds: frozenset[str]) -> None:
+    ingest = IngestProcess(index, control, listener, data_wake, commit_wake, options, kinds)
+    asyncio.run(ingest.serve())

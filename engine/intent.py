@@ -1,0 +1,144 @@
+"""The intent model and every message that crosses a socket or a ring.
+
+An intent is one player action ``(client_id, seq, entity, kind, args)``.
+``(client_id, seq)`` is its idempotency key: the database holds each at most
+once, and a resend is answered with the original outcome.
+
+Inbound messages are decoded by msgspec straight into typed structs; field
+constraints (lengths, ranges, no NUL) are checked by the decoder itself, so a
+wrong type or an unknown field becomes one clear error naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+# Lengths are checked by the decoder. NUL (which PostgreSQL text and jsonb
+# cannot hold) is checked by ``check_text`` after decoding: a regex here
+# triples the decode cost and words its error worse.
+ClientId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+EntityId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Kind = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+
+COMMITTED = "committed"
+DEAD_LETTERED = "dead_lettered"
+REJECTED = "rejected"
+BUSY = "busy"
+
+
+class Intent(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One player action as a client sends it (a JSON object / msgpack map)."""
+
+    client_id: ClientId
+    seq: Seq
+    entity: EntityId
+    kind: Kind
+    args: dict[str, Any] = {}
+
+
+class Request(msgspec.Struct, forbid_unknown_fields=True):
+    """A control message on the intent socket: ``{"op": "health"}``."""
+
+    op: Literal["health", "metrics", "ping"]
+
+
+class Probe(msgspec.Struct):
+    """Lenient view of a bad message, to name the intent in the error reply."""
+
+    client_id: Any = None
+    seq: Any = None
+    op: Any = None
+
+
+class Record(msgspec.Struct, array_like=True, gc=False):
+    """An intent as stored in a ring and sent to PostgreSQL: a compact JSON
+    array ``[client_id, seq, entity, kind, args, received_us]``. JSON because
+    PostgreSQL parses it natively, so a batch is the ring payloads joined with
+    commas and the flusher does no per-intent encoding (see persistence.writer)."""
+
+    client_id: str
+    seq: int
+    entity: str
+    kind: str
+    args: msgspec.Raw
+    received_us: int
+
+
+class DecodedRecord(msgspec.Struct, array_like=True, gc=False):
+    """``Record`` decoded by the pipeline, ``args`` as a dict."""
+
+    client_id: str
+    seq: int
+    entity: str
+    kind: str
+    args: dict[str, Any]
+    received_us: int
+
+
+class Outcome(msgspec.Struct, array_like=True, gc=False):
+    """What the flusher tells an ingest about one record that did not simply
+    commit: dead-lettered, or a resend whose original outcome is reported."""
+
+    position: int
+    status: str
+    code: str = ""
+    reason: str = ""
+    duplicate: bool = False
+
+
+class Reply(msgspec.Struct, omit_defaults=True):
+    """The one reply each intent gets. ``code``/``reason`` unless committed."""
+
+    client_id: str | None
+    seq: int | None
+    status: str
+    code: str | None = None
+    reason: str | None = None
+    duplicate: bool = False
+
+
+class Batch(msgspec.Struct):
+    """A committed batch, as the event bus delivers it."""
+
+    id: int
+    size: int
+    cut_reason: str
+    intents: list[Intent]
+
+
+# Reason strings kept in rings and replies are bounded so an outcome record
+# always fits; 480 bytes leaves room for any exception message worth reading.
+MAX_REASON = 480
+
+
+def clip_reason(reason: str) -> str:
+    """Bound a reason string (keeps the start, which names the problem)."""
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
+
+
+def nul_field(intent: Intent, args_json: bytes) -> str | None:
+    """Name of the first field holding a NUL character, or None."""
+    if "\x00" in intent.client_id:
+        return "client_id"
+    if "\x00" in intent.entity:
+        return "entity"
+    if "\x00" in intent.kind:
+        return "kind"
+    if b"\\u0000" in args_json and _holds_nul(intent.args):
+        return "args"
+    return None
+
+
+def _holds_nul(value: Any) -> bool:
+    # Only reached when the JSON text contains the escape, which a literal
+    # backslash before "u0000" also produces; walk the value to be exact.
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False

@@ -1,0 +1,399 @@
+"""The supervisor: owns the shared memory, the socket and the database;
+starts, watches and restarts the workers; drains on SIGTERM/SIGINT.
+
+Start order: database (embedded or ``dsn``) and migrations, shared segment,
+eventfds, listening socket, flusher, ingests. The listening socket belongs
+to the supervisor, so while an ingest restarts its clients' reconnects wait
+in the backlog instead of being refused.
+
+Watching: each worker's pidfd is in one ``selectors`` set with a self-pipe
+(stop requests, signals), so a worker exit wakes the supervisor at once; RSS
+is sampled with psutil once a second. A crashed worker is restarted after an
+exponential backoff (0.1 s doubling to 5 s, reset once a worker stayed up
+10 s); one over ``worker_rss_limit_mb`` is asked to drain (SIGTERM) and
+restarted. Exit codes are logged as signal names.
+
+Stop (drain), bounded by ``drain_timeout_s``: set the draining flag, SIGTERM
+the ingests (stop accepting and reading, reply to everything already read),
+then SIGTERM the flusher (flush what is left), then SIGKILL whatever is still
+running, always reap, unlink the socket, unmap the segment, stop the
+embedded PostgreSQL. The segment is a memfd: nothing to leak in /dev/shm.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import psutil
+
+from engine import handlers, options as opts
+from engine.errors import StartupError
+from engine.metrics import exit_name
+from engine.options import Options
+from engine.policy import Backoff
+from engine.worker import WORKER_SPEC_ENV, WorkerSpec, title
+from ipc.control import Config, Control, SegmentMap, Worker as W
+from ipc.shm import Segment
+from ipc.wakeup import Wakeup
+from persistence import migrations
+from persistence.embedded import EmbeddedPostgres
+
+log = logging.getLogger(__name__)
+
+# Outcome rings carry only exceptions (dead letters, duplicates): 1 MiB holds
+# two full batches of maximum-length reasons, and the ingest drains it on
+# every commit wake-up.
+OUTCOME_RING_BYTES = 1 << 20
+RSS_CHECK_INTERVAL_S = 1.0
+
+
+class WorkerHandle:
+    """One worker slot: the current process, its restarts and backoff."""
+
+    def __init__(self, role: str, index: int, slot: int, clock=time.monotonic) -> None:
+        self.role = role
+        self.index = index
+        self.slot = slot
+        self.proc: subprocess.Popen | None = None
+        self.pidfd: int | None = None
+        self.backoff = Backoff(initial=0.1, maximum=5.0, stable_s=10.0, clock=clock)
+        self.restart_at: float | None = None
+        self.restarts = 0
+        self.last_exit: int | None = None
+        self.kill_deadline: float | None = None
+
+    @property
+    def name(self) -> str:
+        return title(self.role, self.index)
+
+    def __repr__(self) -> str:
+        if self.proc is not None and self.proc.returncode is None:
+            state = f"running pid={self.proc.pid}"
+        elif self.last_exit is not None:
+            state = f"stopped[{exit_name(self.last_exit)}]"
+        else:
+            state = "not started"
+        return f"<Worker {self.name} {state} restarts={self.restarts}>"
+
+
+class Supervisor:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.pg: EmbeddedPostgres | None = None
+        self.dsn: str | None = options.dsn
+        self.segment: Segment | None = None
+        self.control: Control | None = None
+        self.data_wake: Wakeup | None = None
+        self.commit_wakes: list[Wakeup] = []
+        self.listener: socket.socket | None = None
+        self.socket_path = Path(options.socket).resolve()
+        self.workers: list[WorkerHandle] = []
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stop_requested = threading.Event()
+        self.stopped = threading.Event()
+        self.draining = False
+        self.exit_code = 0
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> None:
+        """Bring everything up; raises StartupError (and cleans up) on failure."""
+        try:
+            self._start()
+        except BaseException:
+            self._cleanup()
+            raise
+
+    def _start(self) -> None:
+        o = self.options
+        registry = handlers.load(o.handlers)  # fail fast on a bad --handlers
+        log.info("handlers: %s", ", ".join(sorted(registry)))
+        self._claim_socket_path()
+        if self.dsn is None:
+            data = opts.data_path(o)
+            data.mkdir(parents=True, exist_ok=True)
+            self.pg = EmbeddedPostgres(data / "pg")
+            self.dsn = self.pg.start()
+        try:
+            version = migrations.check_server(self.dsn)
+            applied = migrations.migrate(self.dsn)
+        except Exception as exc:
+            raise StartupError(f"database {self._safe_dsn()} unusable: {exc}") from exc
+        log.info("PostgreSQL %d at %s; migrations applied now: %s", version, self._safe_dsn(), applied or "none")
+        smap = SegmentMap(o.ingests, o.ring_bytes, OUTCOME_RING_BYTES)
+        self.segment = Segment.create(smap.size)
+        self.control = Control(self.segment.buf, smap, create=True)
+        self._write_config(o)
+        self.data_wake = Wakeup()
+        self.commit_wakes = [Wakeup() for _ in range(o.ingests)]
+        self.listener = self._listen()
+        self.workers = [WorkerHandle("flusher", 0, 0)] + [WorkerHandle("ingest", i, i + 1) for i in range(o.ingests)]
+        for handle in self.workers:
+            self._spawn(handle)
+
+    def _claim_socket_path(self) -> None:
+        path = self.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except (ConnectionRefusedError, FileNotFoundError):
+                log.warning("removing stale socket %s (no engine listening)", path)
+                path.unlink()
+            else:
+                raise StartupError(f"another engine is already listening on {path}")
+            finally:
+                probe.close()
+
+    def _listen(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)  # no window where the socket is wider than asked
+        try:
+            sock.bind(str(self.socket_path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, self.options.socket_mode)
+        sock.listen(1024)
+        return sock
+
+    def _write_config(self, o: Options) -> None:
+        cfg = self.control.config
+        cfg.set(Config.WINDOW_US, int(round(o.time_window_ms * 1000)))
+        cfg.set(Config.MAX_BATCH, o.max_batch_size)
+        cfg.set(Config.MIN_BATCH, min(o.min_batch_size, o.max_batch_size))
+        cfg.set(Config.ADAPTIVE, int(o.adaptive_batching))
+        cfg.set(Config.EPOCH, cfg.get(Config.EPOCH) + 1)  # last: readers reload on change
+
+    def configure(self, **changes) -> Options:
+        """Apply runtime options now (the flusher reads them at its next cut).
+        Raises ConfigError naming the field for anything else."""
+        opts.check_runtime(changes)
+        self.options = self.options.replace(**changes)
+        self._write_config(self.options)
+        log.info("configured %s", changes)
+        return self.options
+
+    def _safe_dsn(self) -> str:
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
+        try:
+            parts = conninfo_to_dict(self.dsn or "")
+        except Exception:
+            return "<dsn>"
+        if "password" in parts:
+            parts["password"] = "***"
+        return make_conninfo(**parts)
+
+    # ---------------------------------------------------------------- workers
+    def _spawn(self, handle: WorkerHandle) -> None:
+        o = self.options
+        fds = [self.segment.fd, self.data_wake.fd, *[w.fd for w in self.commit_wakes], self.listener.fileno()]
+        spec = WorkerSpec(role=handle.role, index=handle.index, segment_fd=self.segment.fd,
+                          segment_size=self.segment.size, segment_map=[int(a) for a in self.control.map.args()],
+                          data_wake_fd=self.data_wake.fd, commit_wake_fds=[w.fd for w in self.commit_wakes],
+                          listen_fd=self.listener.fileno(), dsn=self.dsn, options=opts.to_dict(o),
+                          supervisor_pid=os.getpid())
+        env = dict(os.environ)
+        env[WORKER_SPEC_ENV] = msgspec.json.encode(spec).decode()
+        # The worker must import this checkout's packages even when the
+        # current directory is elsewhere.
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        handle.proc = subprocess.Popen([sys.executable, "-m", "engine.worker"], env=env, pass_fds=fds,
+                                       stdin=subprocess.DEVNULL, close_fds=True)
+        handle.pidfd = os.pidfd_open(handle.proc.pid)
+        self.selector.register(handle.pidfd, selectors.EVENT_READ, handle)
+        handle.backoff.started_now()
+        handle.restart_at = None
+        handle.kill_deadline = None
+        slot = self.control.workers[handle.slot]
+        slot.set(W.PID, handle.proc.pid)
+        slot.set(W.STARTED_NS, time.time_ns())
+        log.info("started %s (pid %d)", handle.name, handle.proc.pid)
+
+    def _reaped(self, handle: WorkerHandle) -> None:
+        code = handle.proc.wait()
+        self.selector.unregister(handle.pidfd)
+        os.close(handle.pidfd)
+        handle.pidfd = None
+        handle.last_exit = code
+        handle.kill_deadline = None
+        slot = self.control.workers[handle.slot]
+        slot.set(W.PID, 0)
+        slot.set(W.LAST_EXIT, code)
+        if self.draining:
+            log.info("%s exited (%s)", handle.name, exit_name(code))
+            return
+        delay = handle.backoff.next_delay()
+        handle.restarts += 1
+        slot.set(W.RESTARTS, handle.restarts)
+        handle.restart_at = time.monotonic() + delay
+        log.error("%s (pid %d) exited with %s; restarting in %.1fs (restart #%d)",
+                  handle.name, handle.proc.pid, exit_name(code), delay, handle.restarts)
+
+    def _check_memory(self) -> None:
+        limit = self.options.worker_rss_limit_mb << 20
+        for handle in self.workers:
+            proc = handle.proc
+            if proc is None or proc.returncode is not None or handle.kill_deadline is not None:
+                continue
+            try:
+                rss = psutil.Process(proc.pid).memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+            if rss > limit:
+                log.error("%s uses %d MiB RSS > worker_rss_limit_mb=%d; recycling it",
+                          handle.name, rss >> 20, self.options.worker_rss_limit_mb)
+                self._terminate(handle)
+
+    def _terminate(self, handle: WorkerHandle) -> None:
+        """SIGTERM now, SIGKILL if still running after the drain timeout."""
+        if handle.proc is not None and handle.proc.returncode is None:
+            handle.proc.send_signal(signal.SIGTERM)
+            handle.kill_deadline = time.monotonic() + self.options.drain_timeout_s
+
+    # ------------------------------------------------------------------- loop
+    def run(self) -> int:
+        """Watch workers until a stop is requested; then drain. Returns the
+        exit code (0 after a clean drain)."""
+        next_rss = time.monotonic() + RSS_CHECK_INTERVAL_S
+        try:
+            while not self._stop_requested.is_set():
+                now = time.monotonic()
+                deadlines = [next_rss] + [h.restart_at for h in self.workers if h.restart_at] + \
+                            [h.kill_deadline for h in self.workers if h.kill_deadline]
+                timeout = max(0.0, min(deadlines) - now)
+                for key, _ in self.selector.select(timeout):
+                    if key.data is None:
+                        self._drain_pipe()
+                    else:
+                        self._reaped(key.data)
+                now = time.monotonic()
+                for handle in self.workers:
+                    if handle.restart_at is not None and now >= handle.restart_at and not self._stop_requested.is_set():
+                        self._spawn(handle)
+                    if handle.kill_deadline is not None and now >= handle.kill_deadline:
+                        log.warning("%s ignored SIGTERM for %.1fs; SIGKILL", handle.name,
+                                    self.options.drain_timeout_s)
+                        handle.proc.kill()
+                        handle.kill_deadline = None
+                if now >= next_rss:
+                    self._check_memory()
+                    next_rss = now + RSS_CHECK_INTERVAL_S
+            self.exit_code = self._drain()
+        finally:
+            self._cleanup()
+            self.stopped.set()
+        return self.exit_code
+
+    def request_stop(self, *_: object) -> None:
+        """Thread- and signal-safe: ask ``run`` to drain and return."""
+        self._stop_requested.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:  # pragma: no cover - pipe full: a wake-up is pending anyway
+            pass
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def _drain_pipe(self) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _drain(self) -> int:
+        self.draining = True
+        t0 = time.monotonic()
+        budget = self.options.drain_timeout_s
+        log.info("draining: stop accepting, flush, reply (budget %.1fs)", budget)
+        self.control.config.set(Config.DRAINING, 1)
+        self.control.config.set(Config.EPOCH, self.control.config.get(Config.EPOCH) + 1)
+        ingests = [h for h in self.workers if h.role == "ingest"]
+        flusher = [h for h in self.workers if h.role == "flusher"]
+        self.data_wake.signal()
+        clean = self._stop_group(ingests, deadline=t0 + budget * 0.8)
+        clean &= self._stop_group(flusher, deadline=t0 + budget)
+        log.info("drained in %.2fs (%s)", time.monotonic() - t0, "clean" if clean else "forced")
+        return 0 if clean else 1
+
+    def _stop_group(self, group: list[WorkerHandle], deadline: float) -> bool:
+        for handle in group:
+            handle.restart_at = None
+            if handle.proc is not None and handle.proc.returncode is None:
+                handle.proc.send_signal(signal.SIGTERM)
+        clean = True
+        for handle in group:
+            if handle.proc is None:
+                continue
+            try:
+                handle.proc.wait(max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not finish draining in time; SIGKILL", handle.name)
+                handle.proc.kill()
+                handle.proc.wait()
+                clean = False
+            if handle.pidfd is not None:
+                self._reaped(handle)
+            if handle.proc.returncode not in (0, None):
+                log.warning("%s exited with %s while draining", handle.name, exit_name(handle.proc.returncode))
+        return clean
+
+    def _cleanup(self) -> None:
+        for handle in self.workers:
+            if handle.proc is not None and handle.proc.returncode is None:
+                handle.proc.kill()
+                handle.proc.wait()
+            if handle.pidfd is not None:
+                try:
+                    self.selector.unregister(handle.pidfd)
+                except (KeyError, ValueError):
+                    pass
+                os.close(handle.pidfd)
+                handle.pidfd = None
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            try:
+                self.socket_path.unlink()
+            except FileNotFoundError:
+                pass
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
+        for wake in [self.data_wake, *self.commit_wakes]:
+            if wake is not None:
+                wake.close()
+        self.data_wake, self.commit_wakes = None, []
+        if self.pg is not None:
+            self.pg.stop()
+            self.pg = None
+        if self._wake_r >= 0:
+            self.selector.close()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
+
+    def snapshot(self) -> dict:
+        from engine.metrics import snapshot
+        return snapshot(self.control)

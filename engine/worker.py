@@ -1,0 +1,105 @@
+"""Entry point of a worker process: ``python -m engine.worker``.
+
+The supervisor starts each worker with ``subprocess.Popen`` (never ``fork``
+of a process holding threads and database connections), hands it the
+shared segment, the eventfds and the listening socket with ``pass_fds``, and
+describes them in the ``BATCHSCHEDULER_WORKER_SPEC`` environment variable (not
+argv, so a DSN with a password does not show in ``ps``).
+
+A worker names itself (``batchscheduler: flusher``, ``batchscheduler: ingest
+0``), asks the kernel to SIGTERM it if the supervisor dies, maps the segment,
+runs its role and exits 0 after a clean drain.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+
+import msgspec
+
+WORKER_SPEC_ENV = "BATCHSCHEDULER_WORKER_SPEC"
+PR_SET_PDEATHSIG = 1
+
+
+class WorkerSpec(msgspec.Struct):
+    role: str                      # "flusher" | "ingest"
+    index: int
+    segment_fd: int
+    segment_size: int
+    segment_map: list[int]         # SegmentMap.args()
+    data_wake_fd: int
+    commit_wake_fds: list[int]
+    listen_fd: int
+    dsn: str
+    options: dict
+    supervisor_pid: int
+
+
+def title(role: str, index: int) -> str:
+    return "batchscheduler: flusher" if role == "flusher" else f"batchscheduler: ingest {index}"
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - non-Linux
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main() -> int:
+    spec = msgspec.json.decode(os.environ.pop(WORKER_SPEC_ENV), type=WorkerSpec)
+    from setproctitle import setproctitle
+
+    name = title(spec.role, spec.index)
+    setproctitle(name)
+    from engine.options import from_mapping
+
+    options = from_mapping(spec.options, source="supervisor")
+    logging.basicConfig(level=options.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s {name} [%(levelname)s] %(name)s: %(message)s")
+    _die_with_parent(spec.supervisor_pid)
+
+    from engine import handlers
+    from ipc.control import Control, SegmentMap
+    from ipc.shm import Segment
+    from ipc.wakeup import Wakeup
+
+    segment = Segment.attach(spec.segment_fd, spec.segment_size)
+    control = Control(segment.buf, SegmentMap(*spec.segment_map))
+    data_wake = Wakeup(spec.data_wake_fd)
+    registry = handlers.load(options.handlers)
+    try:
+        if spec.role == "flusher":
+            from engine.flusher import FlusherProcess
+            from engine.pipeline import Pipeline
+
+            flusher = FlusherProcess(control, data_wake, [Wakeup(fd) for fd in spec.commit_wake_fds],
+                                     spec.dsn, options, Pipeline(registry) if options.pipeline else None)
+            try:
+                flusher.run()
+            finally:
+                flusher.close()
+        else:
+            from engine import ingest
+
+            listener = socket.socket(fileno=spec.listen_fd)
+            listener.setblocking(False)
+            ingest.run(spec.index, control, listener, data_wake, Wakeup(spec.commit_wake_fds[spec.index]),
+                       options, registry.kinds())
+    finally:
+        control.close()
+        segment.close()
+    logging.getLogger(__name__).info("%s exiting cleanly", name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Inter-process plumbing: rings, cursors, wake-ups, framing. Knows nothing of
+PostgreSQL or of game rules."""

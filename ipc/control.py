@@ -1,0 +1,140 @@
+"""The shared segment's map: a control block, then one ring pair per ingest.
+
+Segment layout (every region starts on a 4 KiB page)::
+
+    +---------------------------------------------------------------+
+    | control block (CONTROL_BYTES)                                  |
+    |   config words      -- written by the supervisor               |
+    |   flusher counters  -- written by the flusher                  |
+    |   ingest[i] counters-- written by ingest i                     |
+    |   worker slots      -- written by the supervisor               |
+    +---------------------------------------------------------------+
+    | ingest 0: intent ring   (producer ingest 0, consumer flusher)  |
+    | ingest 0: outcome ring  (producer flusher, consumer ingest 0)  |
+    +---------------------------------------------------------------+
+    | ingest 1: ...                                                 |
+
+Every int64 here has exactly one writing process (see ``ipc.cursors``).
+"""
+
+from __future__ import annotations
+
+from ipc import layout
+from ipc.cursors import Counters
+from ipc.ring import Ring
+
+PAGE = 4096
+MAX_INGESTS = 64
+
+
+class Config:
+    """Runtime-tunable words, written by the supervisor, read by workers."""
+    EPOCH = 0            # bumped after every change, so readers notice cheaply
+    WINDOW_US = 1
+    MAX_BATCH = 2
+    ADAPTIVE = 3
+    DRAINING = 4         # 1 once shutdown began: flush now, accept nothing new
+    MIN_BATCH = 5
+    COUNT = 8
+
+
+class Flusher:
+    """Counters written by the flusher."""
+    BATCHES = 0
+    INTENTS = 1          # records cut into batches (duplicates included)
+    COMMITTED = 2        # intents newly committed
+    DUPLICATES = 3       # resends answered with their original outcome
+    DEAD_LETTERED = 4
+    TIME_CUTS = 5
+    SIZE_CUTS = 6
+    DRAIN_CUTS = 7
+    LAST_FLUSH_WALL_NS = 8
+    LAST_BATCH_SIZE = 9
+    BATCH_LIMIT = 10     # current (adaptive) size limit
+    BREAKER = 11         # 0 closed, 1 open, 2 half-open
+    DB_ERRORS = 12
+    CONSECUTIVE_FAILURES = 13
+    LATENCY_EWMA_US = 14  # first-received to commit, smoothed
+    FALLBACKS = 15       # batches re-run intent by intent after a data error
+    COUNT = 24
+
+
+class Ingest:
+    """Counters written by one ingest process."""
+    RECEIVED = 0
+    REJECTED = 1
+    CONNECTIONS_OPEN = 2
+    CONNECTIONS_TOTAL = 3
+    REPLIES = 4
+    PAUSED = 5           # 1 while reading is paused by a full ring
+    COUNT = 8
+
+
+class Worker:
+    """Per-worker slot written by the supervisor."""
+    PID = 0
+    RESTARTS = 1
+    LAST_EXIT = 2        # raw returncode of the last exit (negative = signal)
+    STARTED_NS = 3
+    COUNT = 4
+
+
+_CONFIG_OFFSET = 0
+_FLUSHER_OFFSET = _CONFIG_OFFSET + 8 * Config.COUNT
+_INGEST_OFFSET = _FLUSHER_OFFSET + 8 * Flusher.COUNT
+_WORKERS_OFFSET = _INGEST_OFFSET + 8 * Ingest.COUNT * MAX_INGESTS
+# Worker slot 0 is the flusher, slot 1 + i is ingest i.
+CONTROL_BYTES = -(-(_WORKERS_OFFSET + 8 * Worker.COUNT * (MAX_INGESTS + 1)) // PAGE) * PAGE
+
+
+def _page_align(n: int) -> int:
+    return -(-n // PAGE) * PAGE
+
+
+class SegmentMap:
+    """Where everything lives for ``ingests`` ring pairs of the given sizes."""
+
+    def __init__(self, ingests: int, ring_bytes: int, outcome_bytes: int) -> None:
+        if not 1 <= ingests <= MAX_INGESTS:
+            raise ValueError(f"ingests must be between 1 and {MAX_INGESTS}, got {ingests}")
+        layout.check_capacity(ring_bytes)
+        layout.check_capacity(outcome_bytes)
+        self.ingests = ingests
+        self.ring_bytes = ring_bytes
+        self.outcome_bytes = outcome_bytes
+        self._pair = _page_align(layout.ring_bytes(ring_bytes)) + _page_align(layout.ring_bytes(outcome_bytes))
+        self.size = CONTROL_BYTES + ingests * self._pair
+
+    def intent_ring_offset(self, i: int) -> int:
+        return CONTROL_BYTES + i * self._pair
+
+    def outcome_ring_offset(self, i: int) -> int:
+        return self.intent_ring_offset(i) + _page_align(layout.ring_bytes(self.ring_bytes))
+
+    def args(self) -> list[str]:
+        """The map as command-line words, so a worker can rebuild it."""
+        return [str(self.ingests), str(self.ring_bytes), str(self.outcome_bytes)]
+
+
+class Control:
+    """Typed views over the control block and the rings of one segment."""
+
+    def __init__(self, buf: memoryview, smap: SegmentMap, *, create: bool = False) -> None:
+        self.map = smap
+        self.config = Counters(buf, _CONFIG_OFFSET, Config.COUNT)
+        self.flusher = Counters(buf, _FLUSHER_OFFSET, Flusher.COUNT)
+        self.ingest = [Counters(buf, _INGEST_OFFSET + 8 * Ingest.COUNT * i, Ingest.COUNT)
+                       for i in range(smap.ingests)]
+        self.workers = [Counters(buf, _WORKERS_OFFSET + 8 * Worker.COUNT * i, Worker.COUNT)
+                        for i in range(smap.ingests + 1)]
+        self.intent_rings = [Ring(buf, smap.intent_ring_offset(i), smap.ring_bytes,
+                                  create=create, name=f"intents[{i}]") for i in range(smap.ingests)]
+        self.outcome_rings = [Ring(buf, smap.outcome_ring_offset(i), smap.outcome_bytes,
+                                   create=create, name=f"outcomes[{i}]") for i in range(smap.ingests)]
+
+    def close(self) -> None:
+        """Release every view (required before the segment can be unmapped)."""
+        for counters in (self.config, self.flusher, *self.ingest, *self.workers):
+            counters.release()
+        for ring in (*self.intent_rings, *self.outcome_rings):
+            ring.close()
