@@ -118,6 +118,11 @@ class FlusherProcess:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         self._read_config()
+        try:
+            self._writer()
+        except psycopg.Error as exc:
+            self._db_failed(exc)
+        self.counters.set(F.READY_NS, time.time_ns())
         while True:
             self._read_config()
             draining = self.stopping or bool(self.control.config.get(Config.DRAINING))

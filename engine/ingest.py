@@ -148,6 +148,7 @@ class IngestProcess:
                                                      backlog=1024)
         # Outcomes left by a predecessor belong to connections that are gone.
         self.on_commit()
+        self.counters.set(I.READY_NS, time.time_ns())
         await self._stop.wait()
         loop.remove_reader(self.commit_wake.fd)
 

@@ -142,6 +142,27 @@ class Supervisor:
         self.workers = [WorkerHandle("flusher", 0, 0)] + [WorkerHandle("ingest", i, i + 1) for i in range(o.ingests)]
         for handle in self.workers:
             self._spawn(handle)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        """Return once every worker reported ready; a worker that exits first
+        is a StartupError naming it and its exit code."""
+        from ipc.control import Flusher as F, Ingest as I
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            for handle in self.workers:
+                code = handle.proc.poll()
+                if code is not None:
+                    raise StartupError(f"{handle.name} exited with {exit_name(code)} during start "
+                                       "(its log lines above say why)")
+            flusher_ready = self.control.flusher.get(F.READY_NS) > 0
+            if flusher_ready and all(c.get(I.READY_NS) > 0 for c in self.control.ingest):
+                return
+            if time.monotonic() > deadline:
+                raise StartupError(f"workers not ready after {timeout}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def _claim_socket_path(self) -> None:
         path = self.socket_path

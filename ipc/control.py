@@ -56,6 +56,7 @@ class Flusher:
     CONSECUTIVE_FAILURES = 13
     LATENCY_EWMA_US = 14  # first-received to commit, smoothed
     FALLBACKS = 15       # batches re-run intent by intent after a data error
+    READY_NS = 16        # wall time the flusher came up (connected to the database)
     COUNT = 24
 
 
@@ -67,6 +68,7 @@ class Ingest:
     CONNECTIONS_TOTAL = 3
     REPLIES = 4
     PAUSED = 5           # 1 while reading is paused by a full ring
+    READY_NS = 6         # wall time this ingest started serving
     COUNT = 8
 
 

@@ -111,7 +111,7 @@ class EmbeddedPostgres:
             # Own session: a Ctrl-C at the terminal reaches the supervisor,
             # which drains the engine first and stops the database last.
             self._proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          user=self._user, start_new_session=True, close_fds=True)
+                                          start_new_session=True, close_fds=True, **self._identity())
         self._wait_ready(logfile)
         log.info("embedded PostgreSQL %s ready (pid %d, socket dir %s)", self.pgdata, self._proc.pid, self._sockdir)
         return self.dsn
@@ -147,6 +147,16 @@ class EmbeddedPostgres:
         return f"<EmbeddedPostgres {self.pgdata} {state}>"
 
     # ----------------------------------------------------------------- private
+    def _identity(self) -> dict:
+        """Popen arguments that drop root: the user's uid *and* gid, and no
+        supplementary groups (root's group would otherwise decide access to
+        root-owned directories, before the "other" bits we rely on)."""
+        if not self._user:
+            return {}
+        import pwd
+        entry = pwd.getpwnam(self._user)
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
     def _prepare_for_user(self, binaries: Path) -> None:
         import pwd
         try:
@@ -174,7 +184,7 @@ class EmbeddedPostgres:
         result = subprocess.run(
             [str(binaries / "initdb"), "-D", str(self.pgdata), "-U", PG_USER, "--auth=trust",
              "--encoding=UTF8", "--locale=C", "--no-instructions"],
-            user=self._user, capture_output=True, text=True)
+            capture_output=True, text=True, **self._identity())
         if result.returncode:
             raise StartupError(f"initdb failed for {self.pgdata}:\n{result.stdout}{result.stderr}")
 

@@ -1,0 +1,187 @@
+"""End to end through real processes: socket -> ring -> flusher -> PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import threading
+
+import psutil
+import pytest
+
+from conftest import query, wait_for
+from engine.client import AsyncClient, Client
+from engine.intent import COMMITTED
+
+
+def load(engine, connections: int, per_connection: int, *, during=None, window: int = 512):
+    """Each connection spawns its own entity, then moves it; returns the
+    replies per connection. ``during`` runs once a tenth of the load is in."""
+    results: dict[int, list] = {}
+    errors: list[BaseException] = []
+    progress = [0] * connections
+
+    def worker(c: int):
+        try:
+            with Client(engine.socket, client_id=f"load-{c}", first_seq=1, timeout=60) as client:
+                replies = client.submit_many([client.intent(f"hero-{c}", "spawn", {"state": {"hp": 100}})])
+                todo = [client.intent(f"hero-{c}", "move", {"dx": 1, "dy": -1}) for _ in range(per_connection - 1)]
+                for start in range(0, len(todo), window):
+                    replies += client.submit_many(todo[start:start + window], window=window)
+                    progress[c] = len(replies)
+                results[c] = replies
+        except BaseException as exc:  # surfaced in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(connections)]
+    for t in threads:
+        t.start()
+    if during is not None:
+        wait_for(lambda: sum(progress) >= connections * per_connection // 10 or errors, 60, "load to start")
+        during()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    return results
+
+
+def assert_exactly_once(engine, results, connections, per_connection):
+    for c, replies in results.items():
+        assert len(replies) == per_connection
+        assert all(r.status == COMMITTED for r in replies), [r for r in replies if r.status != COMMITTED][:3]
+        assert [r.seq for r in replies] == list(range(1, per_connection + 1))
+    total = connections * per_connection
+    (rows, distinct), = query(engine.dsn, "SELECT count(*), count(DISTINCT (client_id, seq)) "
+                                          "FROM batchscheduler.intent_log")
+    assert rows == distinct == total
+    states = dict(query(engine.dsn, "SELECT id, state FROM batchscheduler.entities"))
+    for c in range(connections):
+        # Exactly once for state too: every move applied once, none twice.
+        assert states[f"hero-{c}"]["pos"] == {"x": per_connection - 1, "y": -(per_connection - 1)}
+
+
+@pytest.mark.slow
+def test_100k_intents_from_8_connections_each_committed_exactly_once(engine):
+    results = load(engine, 8, 12_500)
+    assert_exactly_once(engine, results, 8, 12_500)
+    (batches, biggest), = query(engine.dsn, "SELECT count(*), max(size) FROM batchscheduler.batches")
+    assert biggest <= 857
+    assert batches >= 100_000 // 857
+
+
+def test_resent_committed_intent_is_answered_committed_and_stored_once(engine):
+    with Client(engine.socket, client_id="resender", first_seq=1) as client:
+        spawn = client.intent("door", "spawn", {"state": {"hp": 5}})
+        hit = client.intent("door", "damage", {"amount": 2})
+        first = client.submit_many([spawn, hit])
+        again = client.submit_many([spawn, hit])
+    assert [r.status for r in first] == [COMMITTED, COMMITTED]
+    assert [r.status for r in again] == [COMMITTED, COMMITTED]
+    assert not any(r.duplicate for r in first) and all(r.duplicate for r in again)
+    assert query(engine.dsn, "SELECT count(*) FROM batchscheduler.intent_log") == [(2,)]
+    assert query(engine.dsn, "SELECT state->'hp' FROM batchscheduler.entities") == [(3,)]
+
+
+def test_resent_dead_letter_gets_its_original_reason(engine):
+    with Client(engine.socket, client_id="ghost", first_seq=1) as client:
+        intent = client.intent("nobody", "move", {"dx": 1, "dy": 1})
+        first = client.submit(intent)
+        again = client.submit(intent)
+    assert first.status == again.status == "dead_lettered"
+    assert first.code == again.code == "no_such_entity"
+    assert again.duplicate and again.reason == first.reason
+    assert query(engine.dsn, "SELECT count(*) FROM batchscheduler.dead_letters") == [(1,)]
+
+
+def test_json_lines_get_one_json_reply_per_line(engine):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(engine.socket))
+        s.sendall(b'{"client_id":"p","seq":1,"entity":"e","kind":"spawn","args":{"state":{}}}\n'
+                  b'{"client_id":"p","seq":2,"entity":"e","kind":"say","args":{"text":"hello"}}\n')
+        f = s.makefile("rb")
+        replies = [json.loads(f.readline()) for _ in range(2)]
+    assert sorted(r["seq"] for r in replies) == [1, 2]
+    assert all(r == {"client_id": "p", "seq": r["seq"], "status": "committed"} for r in replies)
+    assert query(engine.dsn, "SELECT state FROM batchscheduler.entities") == [({"log": ["hello"]},)]
+
+
+def test_health_and_metrics_ops(engine):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(engine.socket))
+        s.sendall(b'{"op":"health"}\n{"op":"metrics"}\n')
+        f = s.makefile("rb")
+        health, metrics = json.loads(f.readline()), json.loads(f.readline())
+    assert health["is_healthy"] is True and health["breaker"] == "closed"
+    assert health["current_batch_size"] == 857
+    assert {w["role"] for w in metrics["workers"]} == {"flusher", "ingest 0"}
+
+
+def test_asyncio_client_many_in_flight(engine):
+    async def main():
+        async with AsyncClient(engine.socket, client_id="async", first_seq=1) as client:
+            await client.submit(client.intent("bard", "spawn", {"state": {}}))
+            replies = await asyncio.gather(*[client.submit(client.intent("bard", "pick_up", {"item": f"i{k}"}))
+                                             for k in range(500)])
+        return replies
+    replies = asyncio.run(main())
+    assert all(r.status == COMMITTED for r in replies)
+    (inv,), = query(engine.dsn, "SELECT state->'inv' FROM batchscheduler.entities WHERE id = 'bard'")
+    assert inv == [f"i{k}" for k in range(500)]  # applied in submission order
+
+
+def test_workers_are_named_for_ps(engine):
+    assert set(engine.workers()) == {"flusher", "ingest 0"}
+    assert "batchscheduler: supervisor" in " ".join(psutil.Process(engine.proc.pid).cmdline())
+
+
+def test_sigterm_drains_replies_and_leaves_nothing(engine_factory):
+    eng = engine_factory("--time-window-ms", "2000", "--max-batch-size", "100000")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(eng.socket))
+    sock.sendall(b'{"client_id":"d","seq":1,"entity":"x","kind":"spawn","args":{}}\n')
+    wait_for(lambda: query(eng.dsn, "SELECT 1") and _ingest_received(eng) == 1, 10, "intent to be read")
+    pids = [p.pid for p in eng.workers().values()]
+    assert eng.stop() == 0  # drains long before the 2 s window
+    reply = json.loads(sock.makefile("rb").readline())
+    assert reply["status"] == "committed"
+    assert query(eng.dsn, "SELECT cut_reason FROM batchscheduler.batches") == [("drain",)]
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+    assert not eng.socket.exists()
+    sock.close()
+
+
+def _ingest_received(eng) -> int:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(eng.socket))
+        s.sendall(b'{"op":"metrics"}\n')
+        return json.loads(s.makefile("rb").readline())["ingests"][0]["received"]
+
+
+@pytest.mark.slow
+def test_flusher_killed_mid_load_is_restarted_and_nothing_is_lost_or_doubled(engine):
+    flusher = engine.worker("flusher")
+
+    def kill():
+        flusher.send_signal(signal.SIGKILL)
+        wait_for(lambda: engine.workers().get("flusher") and engine.workers()["flusher"].pid != flusher.pid,
+                 15, "flusher restart")
+
+    results = load(engine, 4, 6_000, during=kill)
+    assert_exactly_once(engine, results, 4, 6_000)
+    assert "batchscheduler: flusher (pid %d) exited with SIGKILL" % flusher.pid in engine.log()
+
+
+@pytest.mark.slow
+def test_ingest_killed_mid_load_clients_reconnect_and_resend_exactly_once(engine):
+    ingest = engine.worker("ingest 0")
+
+    def kill():
+        ingest.send_signal(signal.SIGKILL)
+        wait_for(lambda: engine.workers().get("ingest 0") and engine.workers()["ingest 0"].pid != ingest.pid,
+                 15, "ingest restart")
+
+    results = load(engine, 4, 6_000, during=kill)
+    assert_exactly_once(engine, results, 4, 6_000)
+    assert "batchscheduler: ingest 0 (pid %d) exited with SIGKILL" % ingest.pid in engine.log()
