@@ -1,0 +1,204 @@
+"""``BatchScheduler``: the seed's interface (start, stop, configure, event bus)
+over the multi-process engine, for Python programs that embed it.
+
+``start()`` runs the supervisor in this process (workers and the embedded
+PostgreSQL are child processes) with its watch loop on a thread;
+``configure(**partial)`` changes the batching options of the running engine
+(the flusher picks them up at its next cut); ``stop()`` drains.
+
+With an ``EventBus``:
+
+* ``bus.emit(SystemEvent.INTENT, intent)`` submits the intent to the engine
+  (a forwarding thread keeps many in flight on one connection); intents
+  that are not committed come back as ``SystemEvent.INTENT_FAILED`` with the
+  reply.
+* ``SystemEvent.INTENT_BATCH`` is emitted once per committed batch with a
+  ``Batch`` (id, size, cut reason, the newly committed intents in apply
+  order), driven by PostgreSQL ``LISTEN``: an event means the batch is
+  durable, never earlier.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+from collections import defaultdict
+from typing import Any, Callable
+
+import msgspec
+import psycopg
+
+from engine import options as opts
+from engine.client import Client
+from engine.errors import EngineError
+from engine.intent import COMMITTED, Batch, Intent
+from engine.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+class SystemEvent(str, enum.Enum):
+    INTENT = "intent"
+    INTENT_BATCH = "intent_batch"
+    INTENT_FAILED = "intent_failed"
+
+
+class EventBus:
+    """Minimal synchronous event emitter. A subscriber that raises is logged
+    and skipped; it cannot break delivery to the others."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[Any, list[Callable]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def on(self, event: Any, handler: Callable) -> None:
+        with self._lock:
+            self._subscribers[event].append(handler)
+
+    def off(self, event: Any, handler: Callable) -> None:
+        with self._lock:
+            self._subscribers[event].remove(handler)
+
+    def emit(self, event: Any, payload: Any) -> None:
+        with self._lock:
+            handlers = list(self._subscribers.get(event, ()))
+        for handler in handlers:
+            try:
+                handler(payload)
+            except Exception:
+                log.exception("subscriber %r of %s failed", handler, event)
+
+    def has(self, event: Any) -> bool:
+        return bool(self._subscribers.get(event))
+
+
+BATCH_INTENTS = """SELECT client_id, seq, entity, kind, args::text FROM batchscheduler.intent_log
+WHERE batch_id = %s AND status = 'committed' ORDER BY batch_ord"""
+BATCH_ROW = "SELECT size, cut_reason FROM batchscheduler.batches WHERE id = %s"
+
+
+class BatchScheduler:
+    def __init__(self, options: opts.Options | None = None, *, event_bus: EventBus | None = None,
+                 log: logging.Logger | None = None, **overrides: Any) -> None:
+        base = opts.to_dict(options) if options is not None else {}
+        base.update(overrides)
+        if event_bus is not None:
+            base["notify_batches"] = True
+        self.options = opts.from_mapping(base, source="BatchScheduler()")
+        self.event_bus = event_bus
+        self.log = log or logging.getLogger("batchscheduler")
+        self._supervisor: Supervisor | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._forward: queue.Queue = queue.Queue()
+
+    # ------------------------------------------------------------ seed interface
+    def start(self) -> None:
+        """Start the engine; returns once it accepts intents."""
+        if self._supervisor is not None:
+            raise EngineError("BatchScheduler already started")
+        self._stopping.clear()
+        supervisor = Supervisor(self.options)
+        supervisor.start()
+        self._supervisor = supervisor
+        self._spawn_thread("batchscheduler-supervisor", supervisor.run)
+        if self.event_bus is not None:
+            self.event_bus.on(SystemEvent.INTENT, self._forward.put)
+            self._spawn_thread("batchscheduler-forward", self._forward_loop)
+            self._spawn_thread("batchscheduler-listen", self._listen_loop)
+        self.log.info("BatchScheduler started on %s", supervisor.socket_path)
+
+    def stop(self) -> None:
+        """Drain (stop accepting, flush, reply) and stop every process."""
+        supervisor = self._supervisor
+        if supervisor is None:
+            return
+        self._stopping.set()
+        self._forward.put(None)
+        if self.event_bus is not None:
+            self.event_bus.off(SystemEvent.INTENT, self._forward.put)
+        for thread in self._threads:
+            if thread.name != "batchscheduler-supervisor":
+                thread.join(10)
+        supervisor.request_stop()
+        for thread in self._threads:
+            thread.join(30)
+        self._threads = []
+        self._supervisor = None
+
+    def configure(self, **partial: Any) -> None:
+        """Change runtime options (time_window_ms, max_batch_size,
+        adaptive_batching, min_batch_size) without a restart. Before start(),
+        any option may change."""
+        if self._supervisor is None:
+            self.options = self.options.replace(**partial)
+            return
+        self.options = self._supervisor.configure(**partial)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def socket_path(self) -> str:
+        return str(self._require().socket_path)
+
+    @property
+    def dsn(self) -> str:
+        return self._require().dsn
+
+    def client(self, **kwargs: Any) -> Client:
+        """A connected blocking client."""
+        return Client(self.socket_path, **kwargs).connect()
+
+    def metrics(self) -> dict:
+        return self._require().snapshot()
+
+    def __enter__(self) -> "BatchScheduler":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _require(self) -> Supervisor:
+        if self._supervisor is None:
+            raise EngineError("BatchScheduler is not started")
+        return self._supervisor
+
+    def _spawn_thread(self, name: str, target: Callable) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    # ---------------------------------------------------------------- event bus
+    def _forward_loop(self) -> None:
+        with Client(self.socket_path, client_id="event-bus") as client:
+            while True:
+                item = self._forward.get()
+                batch = [item]
+                while True:  # take whatever else is queued: one round trip for all
+                    try:
+                        batch.append(self._forward.get_nowait())
+                    except queue.Empty:
+                        break
+                intents = [i for i in batch if isinstance(i, Intent)]
+                if intents:
+                    for intent, reply in zip(intents, client.submit_many(intents)):
+                        if reply.status != COMMITTED:
+                            self.event_bus.emit(SystemEvent.INTENT_FAILED, (intent, reply))
+                if any(i is None for i in batch):
+                    return
+
+    def _listen_loop(self) -> None:
+        decode_args = msgspec.json.Decoder(dict).decode
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("LISTEN batchscheduler_batches")
+            while not self._stopping.is_set():
+                for note in conn.notifies(timeout=0.2):
+                    batch_id = int(note.payload)
+                    head = conn.execute(BATCH_ROW, (batch_id,)).fetchone()
+                    rows = conn.execute(BATCH_INTENTS, (batch_id,)).fetchall()
+                    intents = [Intent(c, s, e, k, decode_args(a)) for c, s, e, k, a in rows]
+                    self.event_bus.emit(SystemEvent.INTENT_BATCH,
+                                        Batch(batch_id, head[0] if head else len(intents),
+                                              head[1] if head else "?", intents))
