@@ -1,0 +1,52 @@
+"""PNG plots for the load and benchmark tools (matplotlib is optional:
+``pip install '.[plot]'``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install '.[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def load_plots(results: list[dict], out_dir: str) -> list[Path]:
+    plt = _pyplot()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        lat = r["latencies_ms_sample"]
+        if lat:
+            ax.plot(lat, [i / len(lat) for i in range(len(lat))], label=r["variant"])
+    ax.set_xscale("log")
+    ax.set_xlabel("reply latency (ms)")
+    ax.set_ylabel("fraction of intents")
+    ax.set_title("Reply latency CDF")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    paths.append(out / "latency_cdf.png")
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        roles = sorted({role for s in r["samples"] for role in s["procs"]})
+        for role in roles:
+            ax.plot([s["t"] for s in r["samples"]], [s["procs"].get(role, {}).get("rss_mb", 0) for s in r["samples"]],
+                    label=f"{r['variant']}: {role}")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("RSS (MiB)")
+    ax.set_title("Resident memory over time")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(out / "rss.png")
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return paths
