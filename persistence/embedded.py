@@ -71,6 +71,13 @@ class EmbeddedPostgres:
             "shared_buffers": "128MB",
             "listen_addresses": "",        # Unix socket only
             "unix_socket_permissions": "0700",
+            # Dynamic shared memory as files under pgdata, not /dev/shm: the
+            # engine promises to leave nothing in /dev/shm, and a server that
+            # is SIGKILLed would otherwise leave PostgreSQL.* segments there.
+            "dynamic_shared_memory_type": "mmap",
+            # Fewer forced checkpoints (and their full-page-image WAL bursts)
+            # under sustained batch load; crash recovery stays short.
+            "max_wal_size": "2GB",
             **(extra_settings or {}),
         }
         self._proc: subprocess.Popen | None = None

@@ -154,9 +154,9 @@ class Engine:
 
 
 def start_engine(tmp: Path, dsn: str | None, *args: str, env: dict | None = None,
-                 timeout: float = 60.0) -> Engine:
-    sock = tmp / "e.sock"
-    log_path = tmp / "engine.log"
+                 timeout: float = 60.0, name: str = "e") -> Engine:
+    sock = tmp / f"{name}.sock"
+    log_path = tmp / f"{name}.log"
     cmd = [sys.executable, str(RUN_ENGINE), "--socket", str(sock), "--data-dir", str(tmp / "var"), *args]
     if dsn:
         cmd += ["--dsn", dsn]
@@ -192,13 +192,13 @@ def engine_factory(short_tmp, dsn):
     started: list[Engine] = []
 
     def factory(*args: str, env: dict | None = None, use_dsn: bool = True) -> Engine:
-        eng = start_engine(short_tmp, dsn if use_dsn else None, *args, env=env)
+        eng = start_engine(short_tmp, dsn if use_dsn else None, *args, env=env, name=f"e{len(started)}")
         started.append(eng)
         return eng
 
     yield factory
-    for eng in started:
-        code = eng.stop()
+    codes = [eng.stop() for eng in started]
+    for eng, code in zip(started, codes):
         assert code == 0, f"engine exited {code}:\n{eng.log()[-3000:]}"
         assert not eng.socket.exists(), "socket file left behind"
 
@@ -211,3 +211,9 @@ def engine(engine_factory):
 def query(dsn: str, sql: str, params=None) -> list[tuple]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return conn.execute(sql, params).fetchall()
+
+
+def execute(dsn: str, sql: str, params=None) -> None:
+    """Run a statement that returns no rows (DDL, TRUNCATE, UPDATE)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql, params)

@@ -6,12 +6,14 @@ import asyncio
 import json
 import signal
 import socket
+import subprocess
+import sys
 import threading
 
 import psutil
 import pytest
 
-from conftest import query, wait_for
+from conftest import ROOT, query, wait_for
 from engine.client import AsyncClient, Client
 from engine.intent import COMMITTED
 
@@ -69,6 +71,11 @@ def test_100k_intents_from_8_connections_each_committed_exactly_once(engine):
     (batches, biggest), = query(engine.dsn, "SELECT count(*), max(size) FROM batchscheduler.batches")
     assert biggest <= 857
     assert batches >= 100_000 // 857
+    # Replaying the committed log from an empty world reproduces the state.
+    replay = subprocess.run([sys.executable, str(ROOT / "tools" / "replay"), "--dsn", engine.dsn],
+                            capture_output=True, text=True, timeout=300)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert "intents in log: 100000, applied: 100000" in replay.stdout
 
 
 def test_resent_committed_intent_is_answered_committed_and_stored_once(engine):

@@ -25,7 +25,9 @@ per batch): ``INSERT … SELECT FROM unnest(arrays)``, ``COPY`` with
 and ``INSERT … SELECT FROM jsonb_array_elements($1)`` -- how
 ``persistence.writer`` sends a batch: the ring payloads joined into one JSON
 array, one parameter -- plain and with the writer's ``ON CONFLICT DO NOTHING
-RETURNING``.
+RETURNING``. The two ``unnest`` paths also run with binary parameters
+(``%b``): psycopg builds a text-format array in Python, quoting element by
+element, and on a small machine that costs more than the server's insert.
 
 What is timed: from the first statement to the last commit, including
 turning pre-generated rows into each statement's parameters (transposing to
@@ -549,17 +551,21 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     params = dict(rows=args.rows, batches=args.batches, batch_size=args.batch_size,
                   entities=args.entities, only=args.only)
-    if args.dsn:
-        doc = run_benchmark(args.dsn, **params)
-    else:
-        from persistence.embedded import EmbeddedPostgres
-        base = Path(tempfile.mkdtemp(prefix="bs-bench-db-"))
-        try:
-            log.info("starting embedded PostgreSQL in %s", base)
-            with EmbeddedPostgres(base / "pg") as pg:
-                doc = run_benchmark(pg.dsn, embedded=True, **params)
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
+    try:
+        if args.dsn:
+            doc = run_benchmark(args.dsn, **params)
+        else:
+            from persistence.embedded import EmbeddedPostgres
+            base = Path(tempfile.mkdtemp(prefix="bs-bench-db-"))
+            try:
+                log.info("starting embedded PostgreSQL in %s", base)
+                with EmbeddedPostgres(base / "pg") as pg:
+                    doc = run_benchmark(pg.dsn, embedded=True, **params)
+            finally:
+                shutil.rmtree(base, ignore_errors=True)
+    except KeyboardInterrupt:
+        log.warning("interrupted; scratch schema dropped, embedded server stopped")
+        return 130
     print(render(doc), file=out)
     if args.json:
         report.write_json(args.json, doc)

@@ -1,0 +1,660 @@
+"""``tools/bench_ipc``: how fast intents cross from one process to another.
+
+The engine hands intents from an ingest process to the flusher through an
+``ipc.ring.Ring`` in a shared ``ipc.shm.Segment``. This benchmark measures
+that hand-off next to the obvious alternative, ``multiprocessing.Queue``,
+in the same run, with the same records:
+
+``ring``
+    One writer process appends msgspec-encoded intents (compact JSON arrays,
+    ~70-80 bytes, ``engine.intent.DecodedRecord``) to the ring, publishes
+    once per ``--chunk`` records (as an ingest does once per socket read) and
+    signals an ``ipc.wakeup.Wakeup``. The reader -- this process -- reads runs
+    of up to ``--max-batch`` records, decodes each run with ONE msgspec call
+    (the payloads joined into a JSON array, as the flusher builds a batch),
+    commits the cursor and signals the writer's "space" wake-up. A full ring
+    makes the writer block on that wake-up.
+``mp_queue``
+    ``multiprocessing.Queue``: ``put`` each encoded record, ``get`` each and
+    decode it. This is the baseline of the ratio column.
+``mp_queue_batched``
+    ``multiprocessing.Queue`` carrying lists of ``--max-batch`` encoded
+    records; each list is decoded in one call like a ring run.
+``faster_fifo``
+    ``faster_fifo.Queue`` (``put`` each, ``get_many`` up to ``--max-batch``),
+    only when the package is importable; otherwise reported as skipped.
+
+Fairness: every variant moves the same pre-encoded ``bytes`` payloads (the
+queues' best case: pickling ``bytes`` is trivial) and ends with the same
+decoded structs, so the transport is the difference. The payloads are built
+once, before any child starts; each writer touches them all before it says
+it is ready, so copy-on-write faults are not timed. The clock starts when
+the reader releases the writer and stops when the last record is decoded.
+Rounds are interleaved (ring, queue, batched queue, ring, ...) so drift in a
+shared machine's load hits every variant alike; the table shows the median.
+
+Waiting never spins: ring waits block in ``poll`` on an eventfd with a
+timeout, queue waits block in ``get(timeout=...)``, and every timeout checks
+that the other side is still alive. Writers are forked (the memfd and the
+eventfds are inherited), always reaped, and a memfd leaves nothing in
+``/dev/shm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import multiprocessing
+import os
+import queue as queue_mod
+import signal
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, TextIO
+
+import msgspec
+
+from engine.bench import report
+from engine.intent import DecodedRecord
+from engine.options import Options
+from ipc import layout
+from ipc.cursors import Counters
+from ipc.ring import Ring
+from ipc.shm import Segment
+from ipc.wakeup import Wakeup
+
+log = logging.getLogger(__name__)
+
+DEFAULT_N = 500_000
+DEFAULT_REPEAT = 3
+# One ingest socket read of ~5 KiB holds ~64 intents of ~80 bytes; the
+# writer publishes (one cursor store, one eventfd write) once per chunk.
+DEFAULT_CHUNK = 64
+DEFAULT_MAX_BATCH = Options().max_batch_size     # the seed's 857
+DEFAULT_RING_BYTES = Options().ring_bytes         # the engine's 8 MiB
+# How long any wait blocks before checking that the other process lives.
+WAIT_S = 0.5
+# A run that has not finished by then is reported as an error, not awaited.
+DEFAULT_TIMEOUT_S = 300.0
+# Writers get this long to exit after their last record before escalation.
+REAP_S = 10.0
+BASE_US = 1_764_000_000_000_000
+
+_ARGS = (
+    ("move", {"dx": 1, "dy": -1}),
+    ("attack", {"target": "orc-7", "dmg": 3}),
+    ("say", {"text": "hail"}),
+    ("pickup", {"item": "potion"}),
+)
+
+
+class WriterStat:
+    """Counters a ring writer leaves in the segment for the report. The
+    block sits in the segment's first page, the ring after it."""
+    PUBLISHES = 0
+    FULL_WAITS = 1   # times the writer found the ring full and blocked
+    COUNT = 8
+
+
+STATS_OFFSET = 0
+RING_OFFSET = 4096  # its own page: the ring's cursors never share a line with the stats
+
+
+def make_payloads(n: int) -> list[bytes]:
+    """``n`` encoded intents like ``["player-17",12345,"orc-42","move",
+    {"dx":1,"dy":-1},1764000000000000]``, seq = index (the reader checks it)."""
+    encode = msgspec.json.Encoder().encode
+    out = []
+    for i in range(n):
+        kind, args = _ARGS[i % len(_ARGS)]
+        out.append(encode(DecodedRecord(f"player-{i % 64}", i, f"orc-{i % 1000}", kind, args, BASE_US + i * 50)))
+    return out
+
+
+# ------------------------------------------------------------------ plumbing
+class Handshake:
+    """Ready/go between reader and writer over two eventfds, so neither the
+    writer's preparation nor process start-up is timed."""
+
+    def __init__(self) -> None:
+        self.ready = Wakeup()
+        self.go = Wakeup()
+
+    def writer_ready_then_wait(self, parent: int) -> None:
+        self.ready.signal()
+        while not self.go.wait(WAIT_S):
+            _exit_if_orphaned(parent)
+
+    def reader_wait_ready(self, proc: multiprocessing.process.BaseProcess, deadline: float) -> None:
+        while not self.ready.wait(WAIT_S):
+            _check_alive(proc, deadline, "writer never became ready")
+
+    def close(self) -> None:
+        self.ready.close()
+        self.go.close()
+
+
+def _exit_if_orphaned(parent: int) -> None:
+    """A writer whose reader died has no one to hand off to: leave."""
+    if os.getppid() != parent:
+        os._exit(3)
+
+
+def _check_alive(proc: multiprocessing.process.BaseProcess, deadline: float, what: str) -> None:
+    if proc.exitcode is not None:
+        raise RuntimeError(f"{what}: writer exited with {_exit_name(proc.exitcode)}")
+    if time.monotonic() > deadline:
+        raise RuntimeError(f"{what}: timed out")
+
+
+def _exit_name(code: int | None) -> str:
+    if code is None:
+        return "running"
+    if code < 0:
+        try:
+            return signal.Signals(-code).name
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+def _reap(proc: multiprocessing.process.BaseProcess, grace: float = REAP_S) -> int | None:
+    """Join for ``grace`` seconds; escalate SIGTERM then SIGKILL; always reap.
+    Returns the exit code. An aborted run passes ``grace=0``: its writer may
+    be blocked on a reader that is gone, so waiting for it is pointless."""
+    proc.join(grace)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.exitcode is not None:
+            break
+        if grace:
+            log.warning("writer pid %s did not exit; sending %s", proc.pid, sig.name)
+        os.kill(proc.pid, sig)
+        proc.join(5.0)
+    proc.join()
+    code = proc.exitcode
+    proc.close()
+    return code
+
+
+@dataclass
+class Run:
+    seconds: float
+    n: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.seconds if self.seconds > 0 else 0.0
+
+
+class _Check:
+    """The reader's proof that nothing was lost, duplicated or reordered:
+    every run must continue the seq where the last one stopped."""
+
+    __slots__ = ("next_seq",)
+
+    def __init__(self) -> None:
+        self.next_seq = 0
+
+    def run(self, items: list[DecodedRecord]) -> None:
+        first, last = items[0].seq, items[-1].seq
+        if first != self.next_seq or last != first + len(items) - 1:
+            raise RuntimeError(f"records out of order: expected seq {self.next_seq}, got {first}..{last}")
+        self.next_seq = last + 1
+
+    def one(self, item: DecodedRecord) -> None:
+        if item.seq != self.next_seq:
+            raise RuntimeError(f"records out of order: expected seq {self.next_seq}, got {item.seq}")
+        self.next_seq += 1
+
+
+# ---------------------------------------------------------------- variants
+class Bench:
+    """One process's view of the benchmark: parameters and the payloads."""
+
+    def __init__(self, payloads: list[bytes], *, chunk: int, max_batch: int, ring_bytes: int,
+                 timeout_s: float) -> None:
+        self.payloads = payloads
+        self.n = len(payloads)
+        self.chunk = chunk
+        self.max_batch = max_batch
+        self.ring_bytes = ring_bytes
+        self.timeout_s = timeout_s
+        self.ctx = multiprocessing.get_context("fork")
+        self.decode_run = msgspec.json.Decoder(list[DecodedRecord]).decode
+        self.decode_one = msgspec.json.Decoder(DecodedRecord).decode
+
+    def _start(self, target: Callable, *args: Any) -> tuple[multiprocessing.process.BaseProcess, Handshake]:
+        hs = Handshake()
+        proc = self.ctx.Process(target=target, args=(hs, os.getpid(), *args), name="bench_ipc writer",
+                                daemon=True)
+        proc.start()
+        return proc, hs
+
+    def _finish(self, proc: multiprocessing.process.BaseProcess, hs: Handshake) -> None:
+        code = _reap(proc)
+        hs.close()
+        if code != 0:
+            raise RuntimeError(f"writer exited with {_exit_name(code)}")
+
+    # ----------------------------------------------------------------- ring
+    def ring(self) -> Run:
+        seg = Segment.create(RING_OFFSET + layout.ring_bytes(self.ring_bytes), name="bench_ipc")
+        ring = stats = run = None
+        data_wake, space_wake = Wakeup(), Wakeup()
+        proc = hs = None
+        try:
+            ring = Ring(seg.buf, RING_OFFSET, self.ring_bytes, create=True, name="bench")
+            stats = Counters(seg.buf, STATS_OFFSET, WriterStat.COUNT)
+            proc, hs = self._start(_ring_writer, seg, self.payloads, self.chunk, data_wake, space_wake)
+            deadline = time.monotonic() + self.timeout_s
+            hs.reader_wait_ready(proc, deadline)
+
+            decode, check, max_batch, n = self.decode_run, _Check(), self.max_batch, self.n
+            pos = ring.committed()
+            got = runs = waits = 0
+            t0 = time.perf_counter()
+            hs.go.signal()
+            while got < n:
+                published = ring.published()
+                if published == pos:
+                    waits += 1
+                    if not data_wake.wait(WAIT_S):
+                        _check_alive(proc, deadline, f"ring run stalled at {got}/{n}")
+                    continue
+                run = ring.read(pos, published, max_batch)
+                items = decode(b"[" + b",".join(run.payloads) + b"]")
+                run.release()
+                pos = run.end
+                ring.commit(pos)
+                space_wake.signal()
+                run = None
+                check.run(items)
+                got += len(items)
+                runs += 1
+            elapsed = time.perf_counter() - t0
+            self._finish(proc, hs)
+            proc = None
+            return Run(elapsed, n, {"runs": runs, "mean_run": round(n / runs, 1), "reader_waits": waits,
+                                    "publishes": stats.get(WriterStat.PUBLISHES),
+                                    "writer_full_waits": stats.get(WriterStat.FULL_WAITS)})
+        finally:
+            if proc is not None:  # aborted: stop the writer now
+                _reap(proc, grace=0)
+                hs.close()
+            if run is not None:  # interrupted between read and release
+                run.release()
+            if stats is not None:
+                stats.release()
+            if ring is not None:
+                ring.close()
+            try:
+                seg.close()
+            except BufferError:
+                # Interrupted inside Ring.read: the traceback still holds its
+                # views. A memfd is freed by the kernel when this process
+                # exits, so nothing outlives us either way.
+                log.debug("shared segment left mapped until exit (views still held)")
+            data_wake.close()
+            space_wake.close()
+
+    # ---------------------------------------------------------- mp.Queue
+    def mp_queue(self) -> Run:
+        q = self.ctx.Queue()
+        proc, hs = self._start(_queue_writer, q, self.payloads, 1)
+        try:
+            deadline = time.monotonic() + self.timeout_s
+            hs.reader_wait_ready(proc, deadline)
+            decode, check, get, n = self.decode_one, _Check(), q.get, self.n
+            got = 0
+            t0 = time.perf_counter()
+            hs.go.signal()
+            while got < n:
+                try:
+                    payload = get(True, WAIT_S)
+                except queue_mod.Empty:
+                    _check_alive(proc, deadline, f"queue run stalled at {got}/{n}")
+                    continue
+                check.one(decode(payload))
+                got += 1
+            elapsed = time.perf_counter() - t0
+            self._finish(proc, hs)
+            proc = None
+            return Run(elapsed, n, {"gets": n})
+        finally:
+            if proc is not None:  # aborted: stop the writer now
+                _reap(proc, grace=0)
+                hs.close()
+            q.close()
+            q.join_thread()
+
+    def mp_queue_batched(self) -> Run:
+        q = self.ctx.Queue()
+        proc, hs = self._start(_queue_writer, q, self.payloads, self.max_batch)
+        try:
+            deadline = time.monotonic() + self.timeout_s
+            hs.reader_wait_ready(proc, deadline)
+            decode, check, get, n = self.decode_run, _Check(), q.get, self.n
+            got = gets = 0
+            t0 = time.perf_counter()
+            hs.go.signal()
+            while got < n:
+                try:
+                    payloads = get(True, WAIT_S)
+                except queue_mod.Empty:
+                    _check_alive(proc, deadline, f"batched queue run stalled at {got}/{n}")
+                    continue
+                items = decode(b"[" + b",".join(payloads) + b"]")
+                check.run(items)
+                got += len(items)
+                gets += 1
+            elapsed = time.perf_counter() - t0
+            self._finish(proc, hs)
+            proc = None
+            return Run(elapsed, n, {"gets": gets})
+        finally:
+            if proc is not None:  # aborted: stop the writer now
+                _reap(proc, grace=0)
+                hs.close()
+            q.close()
+            q.join_thread()
+
+    # -------------------------------------------------------- faster-fifo
+    def faster_fifo(self) -> Run:
+        import faster_fifo  # only called when importable
+        # As much buffer as the ring has, so neither gets more slack.
+        q = faster_fifo.Queue(max_size_bytes=self.ring_bytes)
+        proc, hs = self._start(_faster_fifo_writer, q, self.payloads)
+        try:
+            deadline = time.monotonic() + self.timeout_s
+            hs.reader_wait_ready(proc, deadline)
+            decode, check, n, max_batch = self.decode_run, _Check(), self.n, self.max_batch
+            get_many = q.get_many
+            got = gets = 0
+            t0 = time.perf_counter()
+            hs.go.signal()
+            while got < n:
+                try:
+                    payloads = get_many(block=True, timeout=WAIT_S, max_messages_to_get=max_batch)
+                except queue_mod.Empty:
+                    _check_alive(proc, deadline, f"faster-fifo run stalled at {got}/{n}")
+                    continue
+                items = decode(b"[" + b",".join(payloads) + b"]")
+                check.run(items)
+                got += len(items)
+                gets += 1
+            elapsed = time.perf_counter() - t0
+            self._finish(proc, hs)
+            proc = None
+            return Run(elapsed, n, {"gets": gets, "mean_run": round(n / gets, 1)})
+        finally:
+            if proc is not None:  # aborted: stop the writer now
+                _reap(proc, grace=0)
+                hs.close()
+            q.close()
+
+
+# ------------------------------------------------------ writer processes
+def _writer_signals() -> None:
+    """A forked writer inherits the tool's handlers: Ctrl-C at the terminal
+    is the reader's to handle (it reaps the writer), SIGTERM just ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _touch(payloads: list[bytes]) -> list[bytes]:
+    """Copy the list: every payload's refcount is written now, so the
+    copy-on-write page faults after fork happen before the clock starts."""
+    return list(payloads)
+
+
+def _ring_writer(hs: Handshake, parent: int, seg: Segment, payloads: list[bytes], chunk: int,
+                 data_wake: Wakeup, space_wake: Wakeup) -> None:
+    """Producer: append a chunk, publish it, wake the reader; on a full ring
+    publish what fits and block until the reader commits."""
+    _writer_signals()
+    ring = Ring(seg.buf, RING_OFFSET, name="bench")  # attach: validates the header
+    stats = Counters(seg.buf, STATS_OFFSET, WriterStat.COUNT)
+    try:
+        payloads = _touch(payloads)
+        n = len(payloads)
+        publishes = full_waits = 0
+        i = 0
+        hs.writer_ready_then_wait(parent)
+        while i < n:
+            end = min(i + chunk, n)
+            now = time.monotonic_ns()  # an ingest stamps each socket read
+            with ring.claim() as w:
+                append = w.try_append
+                while i < end and append(payloads[i], now):
+                    i += 1
+            publishes += 1
+            data_wake.signal()
+            if i < end:  # full: the reader's commit signals space_wake
+                full_waits += 1
+                if not space_wake.wait(WAIT_S):
+                    _exit_if_orphaned(parent)
+        stats.set(WriterStat.PUBLISHES, publishes)
+        stats.set(WriterStat.FULL_WAITS, full_waits)
+    finally:
+        stats.release()
+        ring.close()
+
+
+def _queue_writer(hs: Handshake, parent: int, q: Any, payloads: list[bytes], per_put: int) -> None:
+    """Producer for multiprocessing.Queue: one record per put, or lists."""
+    _writer_signals()
+    payloads = _touch(payloads)
+    hs.writer_ready_then_wait(parent)
+    put = q.put
+    if per_put == 1:
+        for p in payloads:
+            put(p)
+    else:
+        for i in range(0, len(payloads), per_put):
+            put(payloads[i:i + per_put])
+    q.close()
+    q.join_thread()  # the feeder thread has written everything to the pipe
+
+
+def _faster_fifo_writer(hs: Handshake, parent: int, q: Any, payloads: list[bytes]) -> None:
+    """Producer for faster_fifo.Queue: one record per put; a full queue
+    blocks in put (its own condition variable) and is retried."""
+    _writer_signals()
+    payloads = _touch(payloads)
+    hs.writer_ready_then_wait(parent)
+    put = q.put
+    for p in payloads:
+        while True:
+            try:
+                put(p, block=True, timeout=WAIT_S)
+                break
+            except queue_mod.Full:
+                _exit_if_orphaned(parent)
+
+
+# ------------------------------------------------------------------ driver
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    method: str
+    requires: str | None = None  # an importable module, or always available
+
+
+VARIANTS = [
+    Variant("ring", "ipc.ring.Ring (shared memory + eventfd)", "ring"),
+    Variant("mp_queue", "multiprocessing.Queue, 1 record/put", "mp_queue"),
+    Variant("mp_queue_batched", "multiprocessing.Queue, list/put", "mp_queue_batched"),
+    Variant("faster_fifo", "faster_fifo.Queue, put + get_many", "faster_fifo", requires="faster_fifo"),
+]
+BY_KEY = {v.key: v for v in VARIANTS}
+BASELINE = "mp_queue"
+
+
+def run_benchmark(*, n: int = DEFAULT_N, repeat: int = DEFAULT_REPEAT, chunk: int = DEFAULT_CHUNK,
+                  max_batch: int = DEFAULT_MAX_BATCH, ring_bytes: int = DEFAULT_RING_BYTES,
+                  only: Sequence[str] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+    """Run every variant ``repeat`` times, interleaved; returns the JSON document."""
+    layout.check_capacity(ring_bytes)
+    variants = [BY_KEY[k] for k in only] if only else VARIANTS
+    payloads = make_payloads(n)
+    payload_bytes = sum(map(len, payloads)) / n
+    if max(map(len, payloads)) > layout.max_payload(ring_bytes):  # pragma: no cover - 8 KiB rings and up
+        raise ValueError(f"ring of {ring_bytes} bytes cannot hold a {max(map(len, payloads))}-byte record")
+    bench = Bench(payloads, chunk=chunk, max_batch=max_batch, ring_bytes=ring_bytes, timeout_s=timeout_s)
+    runs: dict[str, list[Run]] = {v.key: [] for v in variants}
+    skipped: dict[str, str] = {}
+    for v in variants:
+        if v.requires and importlib.util.find_spec(v.requires) is None:
+            skipped[v.key] = f"{v.requires.replace('_', '-')} is not installed (not importable)"
+            log.info("%-17s skipped: %s", v.key, skipped[v.key])
+    for r in range(repeat):
+        for v in variants:
+            if v.key in skipped:
+                continue
+            result = getattr(bench, v.method)()
+            runs[v.key].append(result)
+            log.info("round %d/%d %-17s %12s intents/s", r + 1, repeat, v.key, report.fmt_rate(result.rate))
+    leftover = multiprocessing.active_children()
+    if leftover:  # pragma: no cover - _reap joins every writer
+        raise RuntimeError(f"writer processes left behind: {leftover}")
+
+    results = []
+    for v in variants:
+        entry: dict[str, Any] = {"key": v.key, "variant": v.label, "skipped": skipped.get(v.key)}
+        rates = [x.rate for x in runs[v.key]]
+        if rates:
+            med = statistics.median(rates)
+            entry.update(intents_per_s=med, us_per_intent=1e6 / med if med else None,
+                         min_intents_per_s=min(rates), max_intents_per_s=max(rates),
+                         runs=[{"seconds": x.seconds, "intents_per_s": x.rate, **x.extra} for x in runs[v.key]])
+        else:
+            entry.update(intents_per_s=None, us_per_intent=None, min_intents_per_s=None,
+                         max_intents_per_s=None, runs=[])
+        results.append(entry)
+    base = next((e for e in results if e["key"] == BASELINE and e["intents_per_s"]), None)
+    for e in results:
+        e["ratio_to_baseline"] = (e["intents_per_s"] / base["intents_per_s"]
+                                  if base and e["intents_per_s"] else None)
+    return {
+        "tool": "bench_ipc",
+        "machine": report.machine(report.embedded_pg_version() + " (embedded wheel; not used here)"),
+        "params": {"n": n, "repeat": repeat, "chunk": chunk, "max_batch": max_batch, "ring_bytes": ring_bytes,
+                   "payload_bytes_mean": round(payload_bytes, 1), "start_method": "fork",
+                   "wait_timeout_s": WAIT_S},
+        "baseline": BASELINE,
+        "results": results,
+    }
+
+
+HEADERS = ("variant", "intents/s", "µs/intent", "min…max intents/s", "ratio vs mp.Queue")
+
+
+def render(doc: dict) -> str:
+    p = doc["params"]
+    lines = [
+        report.machine_line(doc["machine"]),
+        f"bench_ipc: {p['n']:,} intents of ~{p['payload_bytes_mean']:.0f} bytes (msgspec JSON arrays), "
+        f"one writer process -> this process, median of {p['repeat']} interleaved rounds; ring "
+        f"{p['ring_bytes'] >> 10} KiB, writer publishes every {p['chunk']} records, reader runs and "
+        f"queue lists of up to {p['max_batch']}, one msgspec decode per run",
+        "",
+    ]
+    rows, notes = [], []
+    for e in doc["results"]:
+        if e["skipped"]:
+            rows.append((e["variant"], "skipped", "-", "-", "-"))
+            notes.append(f"{e['key']}: skipped, {e['skipped']}")
+            continue
+        rows.append((e["variant"], report.fmt_rate(e["intents_per_s"]), report.fmt_us(e["us_per_intent"]),
+                     f"{report.fmt_rate(e['min_intents_per_s'])}…{report.fmt_rate(e['max_intents_per_s'])}",
+                     report.fmt_ratio(e["ratio_to_baseline"])))
+    lines.append(report.table(HEADERS, rows))
+    if notes:
+        lines += [""] + notes
+    ring = next((e for e in doc["results"] if e["key"] == "ring" and e["runs"]), None)
+    if ring:
+        last = ring["runs"][-1]
+        lines += ["", f"ring, last round: {last['runs']} reader runs (mean {last['mean_run']} records), "
+                      f"{last['reader_waits']} reader waits, {last['publishes']} publishes, "
+                      f"{last['writer_full_waits']} writer waits on a full ring"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------- CLI
+def build_parser(prog: str = "bench_ipc") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Measure the hand-off rate of intents from one writer process to a reader: the "
+                    "engine's shared-memory ring (ipc.ring.Ring, eventfd wake-ups, one msgspec decode per "
+                    "run) versus multiprocessing.Queue (per record, and lists per put) and faster-fifo if "
+                    "it is importable. Same records, same run, interleaved rounds; prints a machine line "
+                    "and a table (median intents/s and the ratio to multiprocessing.Queue); --json also "
+                    "writes the figures as JSON. Nothing busy-waits; no process or shared memory is left.",
+        epilog="Variants: " + "; ".join(f"{v.key} = {v.label}" for v in VARIANTS) + ".",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-n", "--records", dest="n", type=_positive, default=DEFAULT_N,
+                   help="intents each variant moves per round")
+    p.add_argument("--repeat", type=_positive, default=DEFAULT_REPEAT,
+                   help="rounds; the table shows the median")
+    p.add_argument("--chunk", type=_positive, default=DEFAULT_CHUNK,
+                   help="records the ring writer appends per publish (one cursor store + one wake-up)")
+    p.add_argument("--max-batch", type=_positive, default=DEFAULT_MAX_BATCH,
+                   help="records per reader run, per queue list and per faster-fifo get_many")
+    p.add_argument("--ring-bytes", type=_power_of_two, default=DEFAULT_RING_BYTES,
+                   help="ring capacity in bytes (a power of two; the engine's default)")
+    p.add_argument("--only", type=_variant_list, metavar="VARIANT[,VARIANT…]",
+                   help="run only these variants (comma-separated keys, see below)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds one round may take before it is aborted as an error")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _power_of_two(text: str) -> int:
+    value = int(text, 0)
+    try:
+        layout.check_capacity(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def _variant_list(text: str) -> list[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in BY_KEY]
+    if unknown or not keys:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; choose from {', '.join(BY_KEY)}")
+    return keys
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """The whole tool: parse, run, print, write JSON."""
+    out = out or sys.stdout
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    # SIGTERM unwinds like Ctrl-C, so writers are reaped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        doc = run_benchmark(n=args.n, repeat=args.repeat, chunk=args.chunk, max_batch=args.max_batch,
+                            ring_bytes=args.ring_bytes, only=args.only, timeout_s=args.timeout)
+    except KeyboardInterrupt:
+        log.warning("interrupted; writers reaped, nothing measured")
+        return 130
+    print(render(doc), file=out)
+    if args.json:
+        report.write_json(args.json, doc)
+    return 0
