@@ -36,6 +36,10 @@ from ipc.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
+# What msgspec raises on bytes it cannot turn into the expected type
+# (invalid UTF-8 inside a string surfaces as UnicodeDecodeError).
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
+
 # A client that stops reading its replies: past this much unsent reply data
 # we stop reading its requests (asyncio's default high-water mark is 64 KiB).
 WRITE_HIGH_WATER = 1 << 20
@@ -65,16 +69,15 @@ class Connection(asyncio.Protocol):
         self.ingest.connection_closed(self)
 
     def data_received(self, data: bytes) -> None:
-        try:
-            frames = self.reader.feed(data)
-        except wire.ProtocolError as exc:
-            self.ingest.counters.add(I.REJECTED, 1)
-            self.send(self.ingest.encode_reply(self, Reply(None, None, im.REJECTED, exc.code, exc.reason)))
-            self.flush()
-            self.close()
-            return
+        frames = self.reader.feed(data)
         if frames:
             self.ingest.handle_frames(self, frames)
+        fatal = self.reader.fatal
+        if fatal is not None and not self.closed:
+            self.ingest.counters.add(I.REJECTED, 1)
+            self.send(self.ingest.encode_reply(self, Reply(None, None, im.REJECTED, fatal.code, fatal.reason)))
+            self.flush()
+            self.close()
 
     def pause_writing(self) -> None:
         self.pause("writes")
@@ -208,6 +211,8 @@ class IngestProcess:
 
     # ------------------------------------------------------------------ input
     def encode_reply(self, conn: Connection, reply: Any) -> bytes:
+        # A connection that failed on its first byte has no mode: answer in
+        # JSON, the framing a person at a terminal reads.
         if conn.reader.mode == wire.MODE_MSGPACK:
             return wire.frame_msgpack(self._pack.encode(reply))
         return wire.frame_json(self._json.encode(reply))
@@ -230,7 +235,7 @@ class IngestProcess:
                 continue
             try:
                 intent = decode(frame)
-            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            except _UNDECODABLE as exc:
                 if not self._control_request(conn, frame, packed):
                     rejected += 1
                     conn.send(self._rejection(conn, frame, packed, exc))
@@ -243,14 +248,15 @@ class IngestProcess:
                 continue
             try:
                 args = encode_args(intent.args)
-                bad = im.nul_field(intent, args)
-            except (msgspec.EncodeError, UnicodeEncodeError, RecursionError, OverflowError) as exc:
-                bad, args = f"args ({exc})", b""
+                bad = im.args_problem(intent, args)
+            except (msgspec.EncodeError, TypeError, ValueError, RecursionError, OverflowError) as exc:
+                # msgpack can carry what JSON cannot: ext types, non-string
+                # keys, lone surrogates.
+                bad, args = f"args cannot be stored as JSON ({type(exc).__name__}: {exc})", b""
             if bad:
                 rejected += 1
-                conn.send(self.encode_reply(conn, Reply(
-                    intent.client_id, intent.seq, im.REJECTED, "invalid",
-                    f"{bad} holds a value PostgreSQL cannot store (NUL character or lone surrogate)")))
+                conn.send(self.encode_reply(conn, Reply(intent.client_id, intent.seq, im.REJECTED, "invalid",
+                                                        im.clip_reason(bad))))
                 continue
             if busy or self.draining:
                 conn.send(self.encode_reply(conn, Reply(
@@ -299,7 +305,7 @@ class IngestProcess:
     def _control_request(self, conn: Connection, frame: bytes, packed: bool) -> bool:
         try:
             req = (self._req_pack if packed else self._req_json).decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        except _UNDECODABLE:
             return False
         body = {"op": req.op, "status": "ok"}
         if req.op in ("health", "metrics"):
@@ -313,12 +319,15 @@ class IngestProcess:
             probe = (self._probe_pack if packed else self._probe_json).decode(frame)
             client_id = probe.client_id if isinstance(probe.client_id, str) else None
             seq = probe.seq if isinstance(probe.seq, int) and not isinstance(probe.seq, bool) else None
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        except _UNDECODABLE:
             pass
         if isinstance(exc, msgspec.ValidationError):
             code, reason = "invalid", f"invalid intent: {exc}"
         elif isinstance(exc, RecursionError):
             code, reason = "malformed", "message nested too deeply"
+        elif isinstance(exc, UnicodeDecodeError):
+            code = "not_utf8" if not packed else "malformed"
+            reason = f"a string is not valid UTF-8 ({exc.reason} at byte {exc.start} of that string)"
         else:
             code = "malformed"
             what = "MessagePack" if packed else "JSON"

@@ -119,26 +119,53 @@ def clip_reason(reason: str) -> str:
     return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
 
 
-def nul_field(intent: Intent, args_json: bytes) -> str | None:
-    """Name of the first field holding a NUL character, or None."""
-    if "\x00" in intent.client_id:
-        return "client_id"
-    if "\x00" in intent.entity:
-        return "entity"
-    if "\x00" in intent.kind:
-        return "kind"
+# Handlers and the database walk args recursively; 32 levels is deeper than
+# any game state needs and far from Python's and PostgreSQL's limits.
+MAX_ARGS_DEPTH = 32
+
+
+def args_problem(intent: Intent, args_json: bytes) -> str | None:
+    """Why ``intent`` cannot be stored (NUL in a text field, args nested too
+    deeply), or None. ``args_json`` is ``intent.args`` encoded."""
+    for name in ("client_id", "entity", "kind"):
+        if "\x00" in getattr(intent, name):
+            return f"{name} holds a NUL character, which PostgreSQL text cannot store"
     if b"\\u0000" in args_json and _holds_nul(intent.args):
-        return "args"
+        return "args holds a NUL character, which PostgreSQL jsonb cannot store"
+    if args_json.count(b"{") + args_json.count(b"[") > MAX_ARGS_DEPTH and _depth(intent.args) > MAX_ARGS_DEPTH:
+        return f"args nested deeper than {MAX_ARGS_DEPTH} levels"
     return None
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth, iteratively (the value may be ~1000 levels deep)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        elif not isinstance(node, list):
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_ARGS_DEPTH:
+            return deepest
+        stack.extend((child, level + 1) for child in node)
+    return deepest
 
 
 def _holds_nul(value: Any) -> bool:
     # Only reached when the JSON text contains the escape, which a literal
     # backslash before "u0000" also produces; walk the value to be exact.
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_holds_nul(v) for v in value)
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
     return False

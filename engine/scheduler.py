@@ -105,9 +105,12 @@ class BatchScheduler:
         self._supervisor = supervisor
         self._spawn_thread("batchscheduler-supervisor", supervisor.run)
         if self.event_bus is not None:
+            # LISTEN before start() returns, so no committed batch goes unannounced.
+            listener = psycopg.connect(supervisor.dsn, autocommit=True)
+            listener.execute("LISTEN batchscheduler_batches")
             self.event_bus.on(SystemEvent.INTENT, self._forward.put)
             self._spawn_thread("batchscheduler-forward", self._forward_loop)
-            self._spawn_thread("batchscheduler-listen", self._listen_loop)
+            self._spawn_thread("batchscheduler-listen", lambda: self._listen_loop(listener))
         self.log.info("BatchScheduler started on %s", supervisor.socket_path)
 
     def stop(self) -> None:
@@ -189,12 +192,13 @@ class BatchScheduler:
                 if any(i is None for i in batch):
                     return
 
-    def _listen_loop(self) -> None:
+    def _listen_loop(self, conn: psycopg.Connection) -> None:
         decode_args = msgspec.json.Decoder(dict).decode
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute("LISTEN batchscheduler_batches")
+        with conn:
             while not self._stopping.is_set():
-                for note in conn.notifies(timeout=0.2):
+                # Drain first: querying while the notifies() generator is open
+                # would wait on the connection lock it holds.
+                for note in list(conn.notifies(timeout=0.2)):
                     batch_id = int(note.payload)
                     head = conn.execute(BATCH_ROW, (batch_id,)).fetchone()
                     rows = conn.execute(BATCH_INTENTS, (batch_id,)).fetchall()

@@ -48,19 +48,24 @@ class ProtocolError(Exception):
 
 class FrameReader:
     """Incremental splitter. ``feed`` returns complete frames (``bytes``) and
-    ``FrameError`` markers in arrival order; raises ``ProtocolError`` when the
-    stream is beyond saving."""
+    ``FrameError`` markers in arrival order. When the stream is beyond saving
+    it sets ``fatal`` (a ``ProtocolError``) after returning every frame that
+    came before the bad bytes, and accepts nothing more.
 
-    __slots__ = ("max_frame", "mode", "_buf", "_discarding")
+    The size limit applies to a frame's payload: a msgpack frame's ``N``, or a
+    JSON line without its ``\n`` / ``\r\n`` terminator."""
+
+    __slots__ = ("max_frame", "mode", "_buf", "_discarding", "fatal")
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
         self.mode: str | None = None
         self._buf = bytearray()
         self._discarding = False  # json mode: skipping the rest of an oversized line
+        self.fatal: ProtocolError | None = None
 
     def feed(self, data: bytes) -> list:
-        if not data:
+        if not data or self.fatal is not None:
             return []
         if self.mode is None:
             first = data[0]
@@ -69,10 +74,11 @@ class FrameReader:
             elif first in _JSON_START:
                 self.mode = MODE_JSON
             else:
-                raise ProtocolError(
+                self.fatal = ProtocolError(
                     "bad_framing",
                     f"first byte {first:#04x} starts neither a msgpack frame (0x00, a 4-byte "
                     "big-endian length) nor a JSON line ('{')")
+                return []
         buf = self._buf
         buf += data
         if self.mode == MODE_MSGPACK:
@@ -86,8 +92,11 @@ class FrameReader:
         while end - pos >= 4:
             n, = _LENGTH.unpack_from(buf, pos)
             if n > self.max_frame:
-                raise ProtocolError("frame_too_large",
-                                    f"frame of {n} bytes exceeds max_frame_bytes={self.max_frame}")
+                # No way to resynchronise; frames before it are still answered.
+                self.fatal = ProtocolError("frame_too_large",
+                                           f"frame of {n} bytes exceeds max_frame_bytes={self.max_frame}")
+                buf.clear()
+                return frames
             if n == 0:
                 frames.append(FrameError("malformed", "empty frame (length 0)"))
                 pos += 4
@@ -109,15 +118,16 @@ class FrameReader:
             if self._discarding:
                 self._discarding = False
             else:
-                line = bytes(buf[pos:nl]).strip()
-                if line:
-                    if len(line) > self.max_frame:
-                        frames.append(_too_long(len(line), self.max_frame))
-                    else:
+                end = nl - 1 if nl > pos and buf[nl - 1] == 13 else nl  # drop "\r"
+                if end - pos > self.max_frame:
+                    frames.append(_too_long(end - pos, self.max_frame))
+                else:
+                    line = bytes(buf[pos:end]).strip()
+                    if line:
                         frames.append(line)
             pos = nl + 1
         del buf[:pos]
-        if len(buf) > self.max_frame:
+        if len(buf) - (1 if buf.endswith(b"\r") else 0) > self.max_frame:
             # An unterminated line already too long: answer now, drop the rest
             # of the line as it arrives, and resume at the next newline.
             if not self._discarding:

@@ -119,7 +119,11 @@ class EmbeddedPostgres:
             # which drains the engine first and stops the database last.
             self._proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                           start_new_session=True, close_fds=True, **self._identity())
-        self._wait_ready(logfile)
+        try:
+            self._wait_ready(logfile)
+        except BaseException:  # a signal while waiting must not orphan the server
+            self.stop()
+            raise
         log.info("embedded PostgreSQL %s ready (pid %d, socket dir %s)", self.pgdata, self._proc.pid, self._sockdir)
         return self.dsn
 
@@ -190,7 +194,9 @@ class EmbeddedPostgres:
         log.info("initialising PostgreSQL data directory %s", self.pgdata)
         result = subprocess.run(
             [str(binaries / "initdb"), "-D", str(self.pgdata), "-U", PG_USER, "--auth=trust",
-             "--encoding=UTF8", "--locale=C", "--no-instructions"],
+             "--encoding=UTF8", "--locale=C", "--no-instructions",
+             # initdb's own bootstrap server would otherwise use /dev/shm.
+             "-c", "dynamic_shared_memory_type=mmap"],
             capture_output=True, text=True, **self._identity())
         if result.returncode:
             raise StartupError(f"initdb failed for {self.pgdata}:\n{result.stdout}{result.stderr}")

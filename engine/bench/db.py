@@ -53,6 +53,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -101,10 +102,10 @@ class Operation:
 
 
 OPERATIONS: list[Operation] = [
-    Operation("insert_per_tx", "INSERT, 1 tx/row", False, "insert"),
-    Operation("update_per_tx", "UPDATE, 1 tx/row", False, "update"),
-    Operation("update_batched", "UPDATE, 1 stmt/row, batch/tx", False, "update"),
-    Operation("complex_update_per_tx", "complex UPDATE (jsonb_set), 1 tx/row", False, "update"),
+    Operation("insert_per_tx", "Individual INSERTs (1 tx/row)", False, "insert"),
+    Operation("update_per_tx", "Individual UPDATEs (1 tx/row)", False, "update"),
+    Operation("update_batched", "Batched UPDATEs (1 stmt/row, batch/tx)", False, "update"),
+    Operation("complex_update_per_tx", "Complex UPDATEs (jsonb_set, 1 tx/row)", False, "update"),
     Operation("insert_unnest", "INSERT…SELECT unnest(arrays)", True, "insert"),
     Operation("insert_unnest_binary", "INSERT…SELECT unnest(arrays), binary params", True, "insert"),
     Operation("copy_write_row", "COPY, write_row", True, "insert"),
@@ -469,7 +470,7 @@ def run_benchmark(dsn: str, *, rows: int = DEFAULT_ROWS, batches: int = DEFAULT_
     }
 
 
-HEADERS = ("operation", "rows", "ops/s", "µs/op", "seed ops/s", "ratio vs INSERT 1 tx/row")
+HEADERS = ("operation", "rows", "ops/s", "µs/op", "seed ops/s", "ratio vs INSERT")
 
 
 def render(doc: dict) -> str:
@@ -540,6 +541,41 @@ def _op_list(text: str) -> list[str]:
     return keys
 
 
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then act on them.
+
+    An initdb killed half-way (``subprocess.run`` kills its child when
+    interrupted) leaves its bootstrap ``postgres`` to die without cleanup,
+    and that leaks ``PostgreSQL.*`` segments in ``/dev/shm`` (seen here). A
+    start takes a second or two, so a Ctrl-C waits that long instead. The
+    handlers are Python-level, so initdb and postgres (exec'd children) get
+    default dispositions, not these."""
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: pending.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if pending:
+        log.warning("%s arrived while PostgreSQL was starting; stopping it now",
+                    signal.Signals(pending[0]).name)
+        signal.raise_signal(pending[0])
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove the temp dir. Retried briefly because an initdb interrupted by
+    a signal leaves its bootstrap ``postgres`` child writing for a moment."""
+    for delay in (0.0, 0.1, 0.3, 1.0):
+        time.sleep(delay)
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+    log.warning("could not remove %s", path)
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """The whole tool: parse, start or reach PostgreSQL, run, print, write JSON."""
     out = out or sys.stdout
@@ -557,12 +593,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         else:
             from persistence.embedded import EmbeddedPostgres
             base = Path(tempfile.mkdtemp(prefix="bs-bench-db-"))
+            pg = EmbeddedPostgres(base / "pg")
             try:
                 log.info("starting embedded PostgreSQL in %s", base)
-                with EmbeddedPostgres(base / "pg") as pg:
-                    doc = run_benchmark(pg.dsn, embedded=True, **params)
+                # Not ``with``: stop() must run even if start() is cut short.
+                with _signals_deferred():
+                    pg.start()
+                doc = run_benchmark(pg.dsn, embedded=True, **params)
             finally:
-                shutil.rmtree(base, ignore_errors=True)
+                pg.stop()
+                _remove_tree(base)
     except KeyboardInterrupt:
         log.warning("interrupted; scratch schema dropped, embedded server stopped")
         return 130

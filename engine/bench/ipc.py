@@ -191,8 +191,10 @@ class Run:
 
 
 class _Check:
-    """The reader's proof that nothing was lost, duplicated or reordered:
-    every run must continue the seq where the last one stopped."""
+    """The reader's check that nothing was lost or duplicated: each run must
+    continue the seq where the last one stopped and its first and last seq
+    must span exactly its length (checked per run, not per record, so the
+    check stays out of the ring's timing)."""
 
     __slots__ = ("next_seq",)
 
