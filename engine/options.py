@@ -126,8 +126,8 @@ def _validate(o: Options) -> None:
     _check(o.max_in_flight_per_connection >= 1, "max_in_flight_per_connection",
            o.max_in_flight_per_connection, "must be >= 1")
     _check(o.max_connections >= 1, "max_connections", o.max_connections, "must be >= 1")
-    _check(o.worker_rss_limit_mb >= 64, "worker_rss_limit_mb", o.worker_rss_limit_mb,
-           "must be >= 64 (a worker with numpy and psycopg loaded uses ~40 MiB)")
+    _check(o.worker_rss_limit_mb >= 32, "worker_rss_limit_mb", o.worker_rss_limit_mb,
+           "must be >= 32 (an idle worker uses ~35-50 MiB; below that it would be recycled endlessly)")
     _check(0 < o.drain_timeout_s <= 300, "drain_timeout_s", o.drain_timeout_s,
            "must be > 0 and <= 300 seconds")
     _check(bool(o.socket), "socket", o.socket, "must be a path")

@@ -50,3 +50,24 @@ def load_plots(results: list[dict], out_dir: str) -> list[Path]:
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
     return paths
+
+
+def sweep_plot(result: dict, out_dir: str) -> Path:
+    plt = _pyplot()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pts = result["points"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([p["size"] for p in pts], [p["throughput"] for p in pts], "o-", label="measured")
+    predicted = result.get("fit", {}).get("predicted", {})
+    if predicted:
+        ax.plot(list(predicted), list(predicted.values()), "--", label="E(n) fit")
+    ax.set_xlabel("max batch size")
+    ax.set_ylabel("committed intents/s")
+    ax.set_title("Batch size sweep")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    path = out / "sweep.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

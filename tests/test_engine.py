@@ -192,3 +192,17 @@ def test_ingest_killed_mid_load_clients_reconnect_and_resend_exactly_once(engine
     results = load(engine, 4, 6_000, during=kill)
     assert_exactly_once(engine, results, 4, 6_000)
     assert "batchscheduler: ingest 0 (pid %d) exited with SIGKILL" % ingest.pid in engine.log()
+
+
+def test_worker_over_its_rss_limit_is_recycled_and_intents_still_commit(engine_factory):
+    # An idle flusher (numpy, psycopg, the mapped segment) is ~50 MiB, so with
+    # a 40 MiB limit the supervisor keeps recycling it -- losing nothing.
+    eng = engine_factory("--worker-rss-limit-mb", "40")
+    first = eng.worker("flusher").pid
+    wait_for(lambda: "RSS > worker_rss_limit_mb=40; recycling it" in eng.log(), 15, "RSS recycling")
+    wait_for(lambda: eng.workers().get("flusher") and eng.workers()["flusher"].pid != first, 15, "new flusher")
+    with Client(eng.socket, client_id="rss", first_seq=1, timeout=60) as client:
+        replies = client.submit_many([client.intent("r", "spawn", {})] +
+                                     [client.intent("r", "say", {"text": str(i)}) for i in range(200)])
+    assert all(r.status == COMMITTED for r in replies)
+    assert query(eng.dsn, "SELECT count(*) FROM batchscheduler.intent_log") == [(201,)]
