@@ -92,6 +92,7 @@ class FlusherProcess:
             recovery_timeout_s=options.breaker_recovery_timeout_s,
             test_count=options.breaker_half_open_test_count)
         self.reconnect = policy.Backoff(initial=0.05, maximum=2.0)
+        self.retry_at = 0.0  # monotonic time before which no write is attempted
         self.conn: psycopg.Connection | None = None
         self.writer: BatchWriter | None = None
         self._outcome_enc = msgspec.msgpack.Encoder()
@@ -132,6 +133,16 @@ class FlusherProcess:
                 if self.stopping:
                     return
                 self.data_wake.wait(IDLE_WAIT_S)
+                continue
+            backoff_left = self.retry_at - time.monotonic()
+            if backoff_left > 0:
+                # Data keeps arriving (and signalling) while the database is
+                # down: sleep on the clock, not on the eventfd.
+                time.sleep(min(backoff_left, IDLE_WAIT_S))
+                if self.stopping and self.conn is None:
+                    log.error("stopping with %d intents unflushed (database unavailable); they were "
+                              "not acknowledged, so clients resend them", total)
+                    return
                 continue
             if not self.breaker.allow():
                 self.counters.set(F.BREAKER, self.breaker.state)
@@ -247,10 +258,10 @@ class FlusherProcess:
                 pass
             self.conn = None
         delay = self.reconnect.next_delay()
+        self.retry_at = time.monotonic() + delay
         log.error("database write failed (%s: %s); breaker %s, retrying in %.2fs",
                   type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "",
                   policy.STATE_NAMES[self.breaker.state], delay)
-        self.data_wake.wait(delay)
 
     def _publish_outcomes(self, ring_index: int, positions: list[int], ord_base: int,
                           result: WriteResult) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 
 from engine import intent as im, metrics
-from engine.intent import Intent, Outcome, Probe, Record, Reply, Request
+from engine.intent import DecodedRecord, Intent, Outcome, Probe, Reply, Request
 from engine.options import Options
 from ipc import wire
 from ipc.control import Control, Flusher as F, Ingest as I
@@ -220,7 +220,6 @@ class IngestProcess:
     def handle_frames(self, conn: Connection, frames: list) -> None:
         packed = conn.reader.mode == wire.MODE_MSGPACK
         decode = self._dec_pack.decode if packed else self._dec_json.decode
-        encode_args = self._json.encode
         encode_record = self._json.encode
         busy = self.control.flusher.get(F.BREAKER) == 1
         recv_ns = time.monotonic_ns()
@@ -247,12 +246,15 @@ class IngestProcess:
                     f"unknown kind {intent.kind!r}; known kinds: {', '.join(sorted(kinds))}")))
                 continue
             try:
-                args = encode_args(intent.args)
-                bad = im.args_problem(intent, args)
+                # One encode for the whole record; the checks then scan its
+                # bytes (C speed) and only walk the value when they must.
+                payload = encode_record(DecodedRecord(intent.client_id, intent.seq, intent.entity, intent.kind,
+                                                      intent.args, recv_us))
+                bad = im.record_problem(intent, payload)
             except (msgspec.EncodeError, TypeError, ValueError, RecursionError, OverflowError) as exc:
                 # msgpack can carry what JSON cannot: ext types, non-string
                 # keys, lone surrogates.
-                bad, args = f"args cannot be stored as JSON ({type(exc).__name__}: {exc})", b""
+                bad = f"args cannot be stored as JSON ({type(exc).__name__}: {exc})"
             if bad:
                 rejected += 1
                 conn.send(self.encode_reply(conn, Reply(intent.client_id, intent.seq, im.REJECTED, "invalid",
@@ -265,8 +267,6 @@ class IngestProcess:
                     "engine is shutting down; resend later" if self.draining else
                     "database unavailable (circuit breaker open); nothing stored, resend later")))
                 continue
-            payload = encode_record(Record(intent.client_id, intent.seq, intent.entity, intent.kind,
-                                           msgspec.Raw(args), recv_us))
             backlog.append((payload, recv_ns, intent.client_id, intent.seq))
             accepted += 1
         if accepted:

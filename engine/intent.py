@@ -124,15 +124,20 @@ def clip_reason(reason: str) -> str:
 MAX_ARGS_DEPTH = 32
 
 
-def args_problem(intent: Intent, args_json: bytes) -> str | None:
-    """Why ``intent`` cannot be stored (NUL in a text field, args nested too
-    deeply), or None. ``args_json`` is ``intent.args`` encoded."""
-    for name in ("client_id", "entity", "kind"):
-        if "\x00" in getattr(intent, name):
-            return f"{name} holds a NUL character, which PostgreSQL text cannot store"
-    if b"\\u0000" in args_json and _holds_nul(intent.args):
-        return "args holds a NUL character, which PostgreSQL jsonb cannot store"
-    if args_json.count(b"{") + args_json.count(b"[") > MAX_ARGS_DEPTH and _depth(intent.args) > MAX_ARGS_DEPTH:
+def record_problem(intent: Intent, record_json: bytes) -> str | None:
+    """Why ``intent`` cannot be stored (NUL in a text field or in args, args
+    nested too deeply), or None. ``record_json`` is its encoded ring record:
+    a NUL anywhere shows there as the escape ``\\u0000``, and nesting needs at
+    least as many brackets as levels, so both checks are a C-speed scan of
+    bytes in the common case."""
+    if b"\\u0000" in record_json:
+        for name in ("client_id", "entity", "kind"):
+            if "\x00" in getattr(intent, name):
+                return f"{name} holds a NUL character, which PostgreSQL text cannot store"
+        if _holds_nul(intent.args):
+            return "args holds a NUL character, which PostgreSQL jsonb cannot store"
+    if record_json.count(b"{") + record_json.count(b"[") > MAX_ARGS_DEPTH + 1 \
+            and _depth(intent.args) > MAX_ARGS_DEPTH:
         return f"args nested deeper than {MAX_ARGS_DEPTH} levels"
     return None
 

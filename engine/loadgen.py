@@ -15,8 +15,6 @@ period: it must be 0.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import multiprocessing as mp
 import os
 import random
@@ -204,7 +202,7 @@ class Sampler(threading.Thread):
             for proc in self._targets():
                 cached = self._procs.setdefault(proc.pid, proc)
                 try:
-                    title = " ".join(cached.cmdline())
+                    title = " ".join(cached.cmdline()).strip()
                     role = title.split(" ", 1)[1] if title.startswith("batchscheduler:") else "postgres"
                     role = role if role != "postgres" else "postgres (all)"
                     entry = sample["procs"].setdefault(role, {"cpu": 0.0, "rss_mb": 0.0})
@@ -346,33 +344,3 @@ class SpawnedEngine:
         import shutil
         shutil.rmtree(self.dir, ignore_errors=True)
         return code
-
-
-def fmt_table(rows: list[list], headers: list[str]) -> str:
-    cols = [headers] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cols) for i in range(len(headers))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cols[1:]])
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{model}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, "
-            f"Python {sys.version.split()[0]}")
-
-
-def json_default(o):
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    raise TypeError(type(o))
-
-
-def dump_json(path: str, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, default=json_default))

@@ -159,11 +159,16 @@ def test_sigterm_drains_replies_and_leaves_nothing(engine_factory):
     sock.close()
 
 
-def _ingest_received(eng) -> int:
+def _op(eng, op: str) -> dict:
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(eng.socket))
-        s.sendall(b'{"op":"metrics"}\n')
-        return json.loads(s.makefile("rb").readline())["ingests"][0]["received"]
+        s.settimeout(10)
+        s.sendall(b'{"op":"%s"}\n' % op.encode())
+        return json.loads(s.makefile("rb").readline())
+
+
+def _ingest_received(eng) -> int:
+    return _op(eng, "metrics")["ingests"][0]["received"]
 
 
 @pytest.mark.slow
@@ -206,3 +211,42 @@ def test_worker_over_its_rss_limit_is_recycled_and_intents_still_commit(engine_f
                                      [client.intent("r", "say", {"text": str(i)}) for i in range(200)])
     assert all(r.status == COMMITTED for r in replies)
     assert query(eng.dsn, "SELECT count(*) FROM batchscheduler.intent_log") == [(201,)]
+
+
+def test_database_outage_opens_breaker_answers_busy_and_loses_nothing(short_tmp):
+    from persistence.embedded import EmbeddedPostgres
+    from conftest import start_engine
+    pg = EmbeddedPostgres(short_tmp / "pg")
+    dsn = pg.start()
+    eng = start_engine(short_tmp, dsn, "--breaker-failure-threshold", "2", "--breaker-recovery-timeout-s", "0.5")
+    try:
+        with Client(eng.socket, client_id="outage", first_seq=1, timeout=60) as client:
+            assert client.submit(client.intent("hill", "spawn", {})).status == COMMITTED
+            pg.stop()  # the database goes away
+            # The first intents after the outage wait in the ring (not lost, not
+            # answered); once the breaker opens, new ones are refused as busy.
+            stuck = client.intent("hill", "move", {"dx": 1, "dy": 0})
+            frame = client._codec.frame(stuck)
+            client._unanswered[(stuck.client_id, stuck.seq)] = frame
+            client._sock.sendall(frame)
+            wait_for(lambda: _op(eng, "health")["breaker"] == "open", 30, "the breaker to open")
+            with socket.socket(socket.AF_UNIX) as raw:
+                raw.connect(str(eng.socket))
+                raw.settimeout(10)
+                raw.sendall(b'{"client_id":"probe","seq":1,"entity":"hill","kind":"say","args":{"text":"x"}}\n')
+                reply = json.loads(raw.makefile("rb").readline())
+            assert reply["status"] == "busy" and reply["code"] == "database_unavailable"
+            assert "resend" in reply["reason"]
+            pg.start()  # back; the breaker half-opens and closes
+            later = client.submit_many([client.intent("hill", "move", {"dx": 1, "dy": 0}) for _ in range(50)])
+            assert all(r.status == COMMITTED for r in later)
+            # The intent that sat in the ring through the outage is committed too.
+            leftover = client.submit_many([stuck])
+            assert leftover[0].status == COMMITTED
+        assert query(dsn, "SELECT state->'pos'->'x' FROM batchscheduler.entities") == [(51,)]
+        assert query(dsn, "SELECT count(*) FROM batchscheduler.intent_log WHERE client_id = 'outage'") == [(52,)]
+        assert "breaker open" in eng.log()
+    finally:
+        code = eng.stop()
+        pg.stop()
+    assert code == 0
