@@ -55,8 +55,9 @@ class Connection(asyncio.Protocol):
         self.in_flight = 0
         self.backlog: collections.deque = collections.deque()  # (payload, recv_ns, client_id, seq)
         self.out: list[bytes] = []
-        self.paused = set()  # reasons reading is paused: "ring", "inflight", "writes", "drain"
+        self.paused = set()  # reasons reading is paused: "ring", "inflight", "writes", "drain", "fatal"
         self.closed = False
+        self.closing = False  # a fatal framing error: close once every reply is sent
 
     # asyncio callbacks ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -73,10 +74,19 @@ class Connection(asyncio.Protocol):
         if frames:
             self.ingest.handle_frames(self, frames)
         fatal = self.reader.fatal
-        if fatal is not None and not self.closed:
+        if fatal is not None and not self.closing:
+            # Nothing more is read, but intents already accepted from this
+            # connection still get their replies before it closes.
             self.ingest.counters.add(I.REJECTED, 1)
             self.send(self.ingest.encode_reply(self, Reply(None, None, im.REJECTED, fatal.code, fatal.reason)))
             self.flush()
+            self.pause("fatal")
+            self.closing = True
+            self.close_if_done()
+
+    def close_if_done(self) -> None:
+        """Close a connection that is closing once nothing is owed to it."""
+        if self.closing and self.in_flight <= 0 and not self.backlog:
             self.close()
 
     def pause_writing(self) -> None:
@@ -332,11 +342,13 @@ class IngestProcess:
             code = "malformed"
             what = "MessagePack" if packed else "JSON"
             reason = f"not valid {what}: {exc}"
-            if not packed:
-                try:
-                    frame.decode("utf-8")
-                except UnicodeDecodeError as bad:
-                    code, reason = "not_utf8", f"line is not valid UTF-8 (byte {bad.start})"
+        if not packed and code != "not_utf8":
+            # A JSON line that is not UTF-8 says so, whatever the decoder
+            # tripped over first.
+            try:
+                frame.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                code, reason = "not_utf8", f"line is not valid UTF-8 (byte {bad.start})"
         return self.encode_reply(conn, Reply(client_id, seq, im.REJECTED, code, im.clip_reason(reason)))
 
     # ----------------------------------------------------------------- output
@@ -371,6 +383,7 @@ class IngestProcess:
             conn.flush()
             if "inflight" in conn.paused and conn.in_flight < limit // 2 + 1:
                 conn.resume("inflight")
+            conn.close_if_done()
         self._unblock()
         self._maybe_finish_drain()
 
