@@ -311,6 +311,11 @@ def _histogram(sizes: np.ndarray) -> dict:
     return {label: int(c) for label, c in zip(labels, counts) if c}
 
 
+def _die_with_parent() -> None:
+    import ctypes
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 class SpawnedEngine:
     """``tools/run_engine`` in a temp dir with the embedded PostgreSQL (or --dsn)."""
 
@@ -322,7 +327,9 @@ class SpawnedEngine:
         if dsn:
             cmd += ["--dsn", dsn]
         self.log = open(self.dir / "engine.log", "wb")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        # If this tool dies, the engine gets SIGTERM and drains (no orphan).
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     preexec_fn=_die_with_parent)
         self.dsn = dsn
         for line in self.proc.stdout:
             if line.startswith("dsn: ") and not dsn:

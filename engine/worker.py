@@ -72,6 +72,11 @@ def main() -> int:
     from ipc.shm import Segment
     from ipc.wakeup import Wakeup
 
+    import gc
+    # Everything imported so far lives as long as the worker: move it out of
+    # the collector's sight, so a full collection in the hot loop walks only
+    # the objects made since (fewer multi-millisecond pauses in a 10 ms window).
+    gc.freeze()
     segment = Segment.attach(spec.segment_fd, spec.segment_size)
     control = Control(segment.buf, SegmentMap(*spec.segment_map))
     data_wake = Wakeup(spec.data_wake_fd)

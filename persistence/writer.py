@@ -17,8 +17,9 @@ Per batch, in one transaction:
    decided on.
 3. ``COMMIT``. Nothing is acknowledged before it returns.
 
-Without a planner (log-only) steps 1 and 3 go in one pipeline sync: one round
-trip per batch. With one, step 1 is a round trip and steps 2-3 a second.
+Without a planner (log-only) BEGIN, step 1 and COMMIT go in one pipeline
+sync: one round trip per batch. With one, BEGIN and step 1 are a round trip
+and steps 2-3 a second.
 
 If the batch fails on its data (not on the connection), ``write_isolated``
 redoes it intent by intent under savepoints so one poison intent is
@@ -136,15 +137,17 @@ class BatchWriter:
             return self._finish(batch, size, batch_id, new, Plan())
         cs = conn.cursor()
         read_sql, read_params = planner.read_query()
-        with conn.transaction():
-            with conn.pipeline():
+        # Two round trips in all: BEGIN + inserts + state read, then state
+        # writes + COMMIT (the fetch forces the first sync; leaving the
+        # pipeline sends the second).
+        with conn.pipeline():
+            with conn.transaction():
                 cb.execute(INSERT_BATCH, head, prepare=True)
                 cl.execute(INSERT_LOG, {"batch": batch, "ord0": 0}, prepare=True)
                 cs.execute(read_sql, read_params, prepare=True)
-            batch_id = cb.fetchone()[0]
-            new = [r[0] for r in cl.fetchall()]
-            plan = planner.plan(new, dict(cs.fetchall()))
-            with conn.pipeline():
+                batch_id = cb.fetchone()[0]
+                new = [r[0] for r in cl.fetchall()]
+                plan = planner.plan(new, dict(cs.fetchall()))
                 for sql, params in plan.statements:
                     conn.execute(sql, params, prepare=True)
                 self._mark_dead(batch_id, plan.dead)
