@@ -203,9 +203,7 @@ class FlusherProcess:
         for i, k in takes:
             positions = self.pending[i].positions[:k]
             self._publish_outcomes(i, positions, ord_base, result)
-            taken, commit_to = self.pending[i].take(k)
-            for view in taken:
-                view.release()
+            _, commit_to = self.pending[i].take(k)  # dropped views release themselves
             self.rings[i].commit(commit_to)
             self.ingest_wakes[i].signal()
             ord_base += k

@@ -61,7 +61,8 @@ def sweep_plot(result: dict, out_dir: str) -> Path:
     ax.plot([p["size"] for p in pts], [p["throughput"] for p in pts], "o-", label="measured")
     predicted = result.get("fit", {}).get("predicted", {})
     if predicted:
-        ax.plot(list(predicted), list(predicted.values()), "--", label="E(n) fit")
+        fitted = sorted((int(k), v) for k, v in predicted.items())  # JSON makes the keys strings
+        ax.plot([k for k, _ in fitted], [v for _, v in fitted], "--", label="E(n) fit")
     ax.set_xlabel("max batch size")
     ax.set_ylabel("committed intents/s")
     ax.set_title("Batch size sweep")

@@ -167,25 +167,35 @@ class Ring:
         run = Run(start)
         data = self._data
         mask = self._mask
+        cap = self.capacity
+        limit = self.max_payload
         pos = start
         positions, recv, payloads = run.positions, run.recv_ns, run.payloads
         unpack = _RECORD_HEADER.unpack_from
         header = layout.RECORD_HEADER_BYTES
+        align = layout.RECORD_ALIGNMENT - 1
+        pad, data_type = layout.TYPE_PAD, layout.TYPE_DATA
+        n = 0
+        # The hot loop of the consumer: locals only, record_size inlined.
         while pos < end:
             idx = pos & mask
-            length, rtype, recv_ns = (unpack(data, idx) if self.capacity - idx >= header
-                                      else (*_PAD_HEADER.unpack_from(data, idx), 0))
-            if rtype == layout.TYPE_PAD:
-                pos += self.capacity - idx
+            if cap - idx < header:  # only a pad fits in so short a tail
+                pos += cap - idx
                 continue
-            if rtype != layout.TYPE_DATA or length < 0 or length > self.max_payload:
+            length, rtype, recv_ns = unpack(data, idx)
+            if rtype == pad:
+                pos += cap - idx
+                continue
+            if rtype != data_type or length < 0 or length > limit:
                 raise ValueError(f"{self.name}: corrupt record at {pos} (type {rtype}, length {length})")
-            if len(positions) >= max_records:
+            if n >= max_records:
                 break
             positions.append(pos)
             recv.append(recv_ns)
-            payloads.append(data[idx + header: idx + header + length])
-            pos += layout.record_size(length)
+            body = idx + header
+            payloads.append(data[body:body + length])
+            pos += (header + length + align) & ~align
+            n += 1
         run.end = pos
         return run
 
