@@ -217,6 +217,10 @@ class FlusherProcess:
         try:
             writer = self._writer()
             try:
+                result = writer.write_fast(text, len(parts), reason, first_wall, cut_wall, planner)
+                if result is not None:
+                    return result
+                self.counters.add(F.SLOW_PATH, 1)
                 return writer.write(text, len(parts), reason, first_wall, cut_wall, planner)
             except Exception as exc:  # data error or pipeline failure: isolate the culprit
                 if isinstance(exc, psycopg.Error) and is_connection_error(exc):

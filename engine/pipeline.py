@@ -32,6 +32,7 @@ combining ops can never hide an error the one-by-one order would have hit:
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Iterable, Sequence
 
 import msgspec
@@ -45,17 +46,21 @@ S = "batchscheduler"
 # The id list goes in as ONE jsonb parameter; ``= ANY(ARRAY(subquery))``
 # becomes an init-plan array, so the primary-key index is used (a join
 # against jsonb_array_elements is estimated at 100 rows and seq-scans).
-UPDATE_ENTITIES = f"""UPDATE {S}.entities e
-SET state = m.map -> e.id -> 0, version = e.version + (m.map -> e.id ->> 1)::int8,
-    updated_batch = currval('{S}.batches_id_seq')
-FROM (SELECT %(rows)s::jsonb AS map) AS m
-WHERE e.id = ANY(ARRAY(SELECT jsonb_object_keys(%(rows)s::jsonb)))"""
+UPDATE_ENTITIES = f"""WITH u AS (
+    UPDATE {S}.entities e
+    SET state = m.map -> e.id -> 0, version = e.version + (m.map -> e.id ->> 1)::int8,
+        updated_batch = currval('{S}.batches_id_seq')
+    FROM (SELECT %(rows)s::jsonb AS map) AS m
+    WHERE e.id = ANY(ARRAY(SELECT jsonb_object_keys(%(rows)s::jsonb)))
+      AND e.version = (m.map -> e.id ->> 2)::int8
+    RETURNING 1)
+SELECT {S}.expect_rows((SELECT count(*) FROM u), %(n)s)"""
 
 INSERT_ENTITIES = f"""INSERT INTO {S}.entities (id, state, version, updated_batch)
 SELECT x->>0, x->1, (x->>2)::int8, currval('{S}.batches_id_seq')
 FROM jsonb_array_elements(%(rows)s::jsonb) AS x"""
 
-SELECT_ENTITIES = f"""SELECT id, state::text FROM {S}.entities
+SELECT_ENTITIES = f"""SELECT id, state::text, version FROM {S}.entities
 WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text(%(ids)s::jsonb)))"""
 
 
@@ -150,10 +155,11 @@ def check_ops(ops: Iterable, entity: str) -> None:
 class World:
     """Working copies of entity states during one batch."""
 
-    __slots__ = ("states", "spawned", "touched")
+    __slots__ = ("states", "versions", "spawned", "touched")
 
-    def __init__(self, states: dict[str, dict]) -> None:
+    def __init__(self, states: dict[str, dict], versions: dict[str, int] | None = None) -> None:
         self.states = states            # entity -> state (present entities only)
+        self.versions = versions or {}  # entity -> version before this batch
         self.spawned: set[str] = set()  # created in this batch
         self.touched: dict[str, int] = {}  # entity -> applied intents
 
@@ -185,13 +191,18 @@ class World:
         return None
 
 
+_MISS = object()
+
+
 class BatchPlanner:
     """Plans one batch; handed to the writer, which supplies the new ords and
-    the current states it read."""
+    the current states it read -- or, on the optimistic path, plans from the
+    pipeline's entity cache with no read at all."""
 
     def __init__(self, pipeline: "Pipeline", batch: bytes) -> None:
         self.pipeline = pipeline
         self.records: list[DecodedRecord] = pipeline.decode_batch(batch)
+        self.world: World | None = None
 
     def read_query(self, ords: Sequence[int] | None = None) -> tuple[str, dict]:
         """Current state of the entities the batch (or ``ords``) touches."""
@@ -199,25 +210,72 @@ class BatchPlanner:
         ids = list(dict.fromkeys(rec.entity for rec in chosen))
         return SELECT_ENTITIES, {"ids": self.pipeline.encode(ids).decode()}
 
-    def plan(self, new_ords: Sequence[int], states: dict[str, str]) -> Plan:
+    def plan(self, new_ords: Sequence[int], rows: Iterable[tuple[str, str, int]]) -> Plan:
+        """Plan ``new_ords`` from ``rows`` of ``read_query`` (id, state, version)."""
         decode = self.pipeline.decode_state
-        world = World({entity: decode(text) for entity, text in states.items()})
+        states, versions = {}, {}
+        for entity, text, version in rows:
+            states[entity] = decode(text)
+            versions[entity] = version
+        return self._plan(World(states, versions), new_ords)
+
+    def plan_optimistic(self) -> Plan | None:
+        """Plan every intent as new from cached entities; None when an entity
+        is not cached (the writer then takes the reading path). The cached
+        states are changed in place: the writer must call ``committed`` or
+        ``invalidate`` afterwards."""
+        cache = self.pipeline.cache
+        states, versions = {}, {}
+        for rec in self.records:
+            entity = rec.entity
+            if entity in states:
+                continue
+            hit = cache.get(entity, _MISS)
+            if hit is _MISS:
+                return None
+            states[entity], versions[entity] = hit
+        return self._plan(World(states, versions), range(1, len(self.records) + 1))
+
+    def _plan(self, world: World, new_ords: Iterable[int]) -> Plan:
         dead: dict[int, tuple[str, str]] = {}
+        apply = world.apply
+        registry = self.pipeline.registry
+        records = self.records
         for ord_ in new_ords:
-            failure = world.apply(self.pipeline.registry, self.records[ord_ - 1])
+            failure = apply(registry, records[ord_ - 1])
             if failure is not None:
                 dead[ord_] = failure
+        self.world = world
         return Plan(statements=self.pipeline.statements(world), dead=dead)
+
+    def committed(self) -> None:
+        """The batch's transaction committed: its states become the cache."""
+        if self.world is not None:
+            self.pipeline.remember(self.world)
+
+    def invalidate(self) -> None:
+        """The write failed (or was isolated intent by intent): forget every
+        cached state, since some may have been changed in place."""
+        self.pipeline.cache.clear()
+        self.world = None
 
 
 class Pipeline:
-    """The handler registry plus the codecs the planner reuses."""
+    """The handler registry, the codecs the planner reuses, and the entity
+    cache: the flusher is the only writer of entities, so the states it
+    committed are the states in the database -- unless someone else writes
+    the table, which the version check in ``UPDATE_ENTITIES`` detects."""
+
+    # 200k entities of a few hundred bytes: tens of MiB, well inside the
+    # worker's default 512 MiB RSS limit.
+    CACHE_MAX = 200_000
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self._batch_dec = msgspec.json.Decoder(list[DecodedRecord])
         self._state_dec = msgspec.json.Decoder(dict)
         self.encode = msgspec.json.Encoder().encode
+        self.cache: dict[str, tuple[dict, int]] = {}  # entity -> (state, version); oldest first
 
     def planner(self, batch: bytes) -> BatchPlanner:
         return BatchPlanner(self, batch)
@@ -228,18 +286,29 @@ class Pipeline:
     def decode_state(self, text: str) -> dict:
         return self._state_dec.decode(text)
 
+    def remember(self, world: World) -> None:
+        cache = self.cache
+        for entity, state in world.states.items():
+            version = world.versions.get(entity, 0) + world.touched.get(entity, 0)
+            cache.pop(entity, None)  # re-inserted last: most recently used
+            cache[entity] = (state, version)
+        excess = len(cache) - self.CACHE_MAX
+        if excess > 0:
+            for entity in list(itertools.islice(cache, excess)):
+                del cache[entity]
+
     def statements(self, world: World) -> list[tuple[str, dict]]:
         inserts, updates = [], {}
         for entity, n in world.touched.items():
             if entity in world.spawned:
                 inserts.append((entity, world.states[entity], n))
             else:
-                updates[entity] = (world.states[entity], n)
+                updates[entity] = (world.states[entity], n, world.versions.get(entity, 0))
         out = []
         if inserts:
             out.append((INSERT_ENTITIES, {"rows": self.encode(inserts).decode()}))
         if updates:
-            out.append((UPDATE_ENTITIES, {"rows": self.encode(updates).decode()}))
+            out.append((UPDATE_ENTITIES, {"rows": self.encode(updates).decode(), "n": len(updates)}))
         return out
 
 

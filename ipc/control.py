@@ -57,6 +57,7 @@ class Flusher:
     LATENCY_EWMA_US = 14  # first-received to commit, smoothed
     FALLBACKS = 15       # batches re-run intent by intent after a data error
     READY_NS = 16        # wall time the flusher came up (connected to the database)
+    SLOW_PATH = 17       # batches written by the reading path (cache miss, resend, stale cache)
     COUNT = 24
 
 

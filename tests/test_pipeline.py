@@ -37,7 +37,9 @@ def reset(conn):
     conn.commit()
 
 
-def write_in_batches(conn, pipeline, payloads, sizes):
+def write_in_batches(conn, pipeline, payloads, sizes, *, fast=False):
+    """Write like the flusher: with ``fast``, the one-round-trip optimistic
+    path from the entity cache first, the reading path when it declines."""
     writer = BatchWriter(conn)
     outcomes = {}
     i = 0
@@ -46,7 +48,11 @@ def write_in_batches(conn, pipeline, payloads, sizes):
         if not chunk:
             break
         batch = b"[" + b",".join(chunk) + b"]"
-        result = writer.write(batch.decode(), len(chunk), "size", time.time(), time.time(), pipeline.planner(batch))
+        text = batch.decode()
+        result = writer.write_fast(text, len(chunk), "size", time.time(), time.time(), pipeline.planner(batch)) \
+            if fast else None
+        if result is None:
+            result = writer.write(text, len(chunk), "size", time.time(), time.time(), pipeline.planner(batch))
         for j in range(len(chunk)):
             outcomes[i + j] = result.outcomes.get(j + 1, ("committed",))[0]
         i += size
@@ -83,11 +89,11 @@ def test_batched_writes_equal_one_by_one(db, intents, sizes):
     sizes = sizes + [len(payloads)]  # whatever is left goes in one last batch
 
     reset(db)
-    batched_outcomes = write_in_batches(db, pipeline, payloads, sizes)
+    batched_outcomes = write_in_batches(db, pipeline, payloads, sizes, fast=True)
     batched = snapshot(db)
 
     reset(db)
-    single_outcomes = write_in_batches(db, pipeline, payloads, [1] * len(payloads))
+    single_outcomes = write_in_batches(db, Pipeline(BUILTIN), payloads, [1] * len(payloads))
     single = snapshot(db)
 
     assert batched == single
@@ -139,10 +145,31 @@ def test_resend_in_later_batch_is_not_applied_twice(db):
     pipeline = Pipeline(BUILTIN)
     spawn = record("r", 1, "x", "spawn", {"state": {"hp": 1}})
     heal = record("r", 2, "x", "heal", {"amount": 5})
-    write_in_batches(db, pipeline, [spawn, heal], [2])
-    outcomes = write_in_batches(db, pipeline, [heal, heal], [2])
+    write_in_batches(db, pipeline, [spawn, heal], [2], fast=True)
+    assert pipeline.cache == {"x": ({"hp": 6}, 2)}
+    outcomes = write_in_batches(db, pipeline, [heal, heal], [2], fast=True)
     assert outcomes == {0: "committed", 1: "committed"}
     assert snapshot(db) == {"x": {"hp": 6}}
+
+
+def test_cached_path_notices_a_row_changed_behind_its_back(db):
+    pipeline = Pipeline(BUILTIN)
+    write_in_batches(db, pipeline, [record("s", 1, "x", "spawn", {"state": {"hp": 1}})], [1], fast=True)
+    assert "x" in pipeline.cache
+    db.execute("UPDATE batchscheduler.entities SET state = '{\"hp\": 50}', version = version + 1")
+    db.commit()
+    payload = record("s", 2, "x", "heal", {"amount": 5})
+    batch = b"[" + payload + b"]"
+    writer = BatchWriter(db)
+    # The optimistic write plans from the stale cache, the version check
+    # fails, everything rolls back and the caller is told to read instead.
+    assert writer.write_fast(batch.decode(), 1, "time", time.time(), time.time(), pipeline.planner(batch)) is None
+    assert pipeline.cache == {}
+    assert snapshot(db) == {"x": {"hp": 50}}
+    assert db.execute("SELECT count(*) FROM batchscheduler.intent_log").fetchone() == (1,)
+    db.commit()
+    write_in_batches(db, pipeline, [payload], [1], fast=True)
+    assert snapshot(db) == {"x": {"hp": 55}}
 
 
 @pytest.mark.parametrize("op, before, after", [
