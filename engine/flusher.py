@@ -16,6 +16,7 @@ unique key turns that into "duplicate" and the original outcome is replied.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import signal
 import time
@@ -66,6 +67,35 @@ class _Pending:
         return payloads, commit_to
 
 
+class _DataError(Exception):
+    """A batch failed on its data (not on the connection)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class _Job:
+    """One cut batch on its way to the database."""
+
+    __slots__ = ("takes", "skip", "parts", "batch", "text", "reason", "first_ns", "first_wall", "cut_wall",
+                 "planner", "plan", "fast")
+
+    def __init__(self, takes, skip, parts, batch: bytes, reason: str, first_ns: int) -> None:
+        self.takes = takes            # [(ring index, count)] in batch order
+        self.skip = skip              # records of each ring an earlier in-flight batch took
+        self.parts = parts
+        self.batch = batch
+        self.text = batch.decode()
+        self.reason = reason
+        self.first_ns = first_ns
+        mono_now, self.cut_wall = time.monotonic_ns(), time.time()
+        self.first_wall = self.cut_wall - (mono_now - first_ns) / _NS
+        self.planner = None
+        self.plan = None
+        self.fast = False
+
+
 class FlusherProcess:
     def __init__(self, control: Control, data_wake: Wakeup, ingest_wakes: list[Wakeup],
                  dsn: str, options: Options, pipeline: Pipeline | None) -> None:
@@ -96,6 +126,10 @@ class FlusherProcess:
         self.conn: psycopg.Connection | None = None
         self.writer: BatchWriter | None = None
         self._outcome_enc = msgspec.msgpack.Encoder()
+        # One writer thread owns the connection's fast writes while the main
+        # thread cuts and plans the next batch (psycopg releases the GIL
+        # while it waits on the socket).
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flusher-writer")
 
     # ------------------------------------------------------------------ control
     def stop(self, *_: object) -> None:
@@ -174,33 +208,124 @@ class FlusherProcess:
 
     # -------------------------------------------------------------------- flush
     def _flush(self, reason: str, limit: int) -> None:
+        """Cut, write and acknowledge batches. While batch k is being written
+        (on the writer thread, its connection), the next full batch is cut
+        and planned here, so the Python work of k+1 overlaps the database
+        work of k. Acknowledgements stay in order and only follow COMMIT."""
+        job = self._cut(reason, limit, after=None)
+        while job is not None:
+            nxt = None
+            if job.fast:
+                future = self._executor.submit(self._write_fast, job)
+                if self._beyond(job) >= limit and not self.stopping:
+                    nxt = self._cut(policy.SIZE, limit, after=job)
+                try:
+                    result = future.result()
+                except Exception as exc:  # surfaced below, on this thread
+                    result = exc
+                if not isinstance(result, WriteResult):
+                    # Declined or failed: the cache may hold planned-but-unwritten
+                    # states (this batch's and the look-ahead's). Forget them.
+                    if job.planner is not None:
+                        job.planner.invalidate()
+                    nxt = None
+                    self.counters.add(F.SLOW_PATH, 1)
+                    result = self._write_slow(job, result)
+            else:
+                result = self._write_slow(job, None)
+            if result is None:
+                return  # records stay pending; retried after the breaker/backoff
+            self._acknowledge(job, result)
+            job = nxt
+
+    def _beyond(self, job: "_Job") -> int:
+        """Records pending after those ``job`` took."""
+        taken = dict(job.takes)
+        return sum(len(p.positions) - taken.get(i, 0) for i, p in enumerate(self.pending))
+
+    def _cut(self, reason: str, limit: int, after: "_Job | None") -> "_Job | None":
+        """Take up to ``limit`` records (skipping those ``after`` took), in
+        the ring rotation of the batch they will be, and plan them."""
+        batch_no = self.batch_no + (1 if after is not None else 0)
+        skip = dict(after.takes) if after is not None else {}
         n_rings = len(self.rings)
-        start = self.batch_no % n_rings
-        order = [(start + k) % n_rings for k in range(n_rings)]
         room = limit
         takes: list[tuple[int, int]] = []  # (ring index, count)
-        for i in order:
-            k = min(room, len(self.pending[i].positions))
-            if k:
+        for step in range(n_rings):
+            i = (batch_no + step) % n_rings
+            k = min(room, len(self.pending[i].positions) - skip.get(i, 0))
+            if k > 0:
                 takes.append((i, k))
                 room -= k
             if not room:
                 break
-        first_ns = min(self.pending[i].recv_ns[0] for i, _ in takes)
+        if not takes:
+            return None
         parts: list[memoryview] = []
+        first_ns = None
         for i, k in takes:
-            parts += self.pending[i].payloads[:k]
-        size = len(parts)
-        batch = b"[" + b",".join(parts) + b"]"
-        mono_now, wall_now = time.monotonic_ns(), time.time()
-        first_wall = wall_now - (mono_now - first_ns) / _NS
-        result = self._write(batch, parts, reason, first_wall, wall_now)
-        if result is None:
-            return  # records stay pending; retried after the breaker/backoff
-        latency_s = (time.monotonic_ns() - first_ns) / _NS
-        # Durable: now tell the ingests, outcomes before cursors.
+            pend, off = self.pending[i], skip.get(i, 0)
+            parts += pend.payloads[off:off + k]
+            first_ns = pend.recv_ns[off] if first_ns is None else min(first_ns, pend.recv_ns[off])
+        job = _Job(takes, skip, parts, b"[" + b",".join(parts) + b"]", reason, first_ns)
+        if self.pipeline is not None:
+            job.planner = self.pipeline.planner(job.batch)
+            job.plan = job.planner.plan_optimistic()
+            job.fast = job.plan is not None
+        else:
+            job.fast = True
+        return job
+
+    def _write_fast(self, job: "_Job") -> WriteResult | None:
+        """Runs on the writer thread: the one-round-trip write, nothing else."""
+        return self._writer().write_fast(job.text, len(job.parts), job.reason, job.first_wall, job.cut_wall,
+                                         job.planner, job.plan, invalidate=False)
+
+    def _write_slow(self, job: "_Job", previous: object) -> WriteResult | None:
+        """The reading path, then per-intent isolation on a data error; None
+        after a database failure (counted; the breaker decides what next)."""
+        text, parts = job.text, job.parts
+        planner = self.pipeline.planner(job.batch) if self.pipeline is not None else None
+        try:
+            if isinstance(previous, BaseException) and not isinstance(previous, psycopg.Error):
+                raise previous  # a pipeline failure on the fast path: isolate below
+            if isinstance(previous, psycopg.Error):
+                if is_connection_error(previous):
+                    raise previous
+                raise _DataError(previous)
+            writer = self._writer()
+            try:
+                return writer.write(text, len(parts), job.reason, job.first_wall, job.cut_wall, planner)
+            except Exception as exc:
+                if isinstance(exc, psycopg.Error) and is_connection_error(exc):
+                    raise
+                raise _DataError(exc) from exc
+        except _DataError as wrapped:  # data error or pipeline failure: isolate the culprit
+            exc = wrapped.cause
+            try:
+                writer = self._writer()
+                if self.conn is not None and not self.conn.closed and self.conn.info.transaction_status:
+                    self.conn.rollback()
+                self.counters.add(F.FALLBACKS, 1)
+                log.warning("batch of %d failed on its data (%s); retrying intent by intent",
+                            len(parts), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                planner = self.pipeline.planner(job.batch) if self.pipeline is not None else None
+                return writer.write_isolated(text, [bytes(p).decode() for p in parts], job.reason,
+                                             job.first_wall, job.cut_wall, planner)
+            except psycopg.Error as exc2:
+                if not is_connection_error(exc2):
+                    raise
+                self._db_failed(exc2)
+                return None
+        except psycopg.Error as exc:
+            self._db_failed(exc)
+            return None
+
+    def _acknowledge(self, job: "_Job", result: WriteResult) -> None:
+        """Durable: tell the ingests, outcomes before cursors."""
+        latency_s = (time.monotonic_ns() - job.first_ns) / _NS
         ord_base = 0
-        for i, k in takes:
+        for i, k in job.takes:
             positions = self.pending[i].positions[:k]
             self._publish_outcomes(i, positions, ord_base, result)
             _, commit_to = self.pending[i].take(k)  # dropped views release themselves
@@ -208,34 +333,7 @@ class FlusherProcess:
             self.ingest_wakes[i].signal()
             ord_base += k
         self.batch_no += 1
-        self._account(result, size, reason, latency_s)
-
-    def _write(self, batch: bytes, parts: list[memoryview], reason: str, first_wall: float,
-               cut_wall: float) -> WriteResult | None:
-        text = batch.decode()
-        planner = self.pipeline.planner(batch) if self.pipeline is not None else None
-        try:
-            writer = self._writer()
-            try:
-                result = writer.write_fast(text, len(parts), reason, first_wall, cut_wall, planner)
-                if result is not None:
-                    return result
-                self.counters.add(F.SLOW_PATH, 1)
-                return writer.write(text, len(parts), reason, first_wall, cut_wall, planner)
-            except Exception as exc:  # data error or pipeline failure: isolate the culprit
-                if isinstance(exc, psycopg.Error) and is_connection_error(exc):
-                    raise
-                if self.conn is not None and not self.conn.closed and self.conn.info.transaction_status:
-                    self.conn.rollback()
-                self.counters.add(F.FALLBACKS, 1)
-                log.warning("batch of %d failed on its data (%s); retrying intent by intent",
-                            len(parts), str(exc).strip().splitlines()[0])
-                planner = self.pipeline.planner(batch) if self.pipeline is not None else None
-                return writer.write_isolated(text, [bytes(p).decode() for p in parts], reason,
-                                             first_wall, cut_wall, planner)
-        except psycopg.Error as exc:
-            self._db_failed(exc)
-            return None
+        self._account(result, len(job.parts), job.reason, latency_s)
 
     def _writer(self) -> BatchWriter:
         if self.conn is None or self.conn.closed:
@@ -314,6 +412,7 @@ class FlusherProcess:
                                                    size_triggered=reason == policy.SIZE))
 
     def close(self) -> None:
+        self._executor.shutdown(wait=True)
         for pend in self.pending:
             for view in pend.payloads:
                 view.release()

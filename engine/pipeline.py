@@ -221,9 +221,13 @@ class BatchPlanner:
 
     def plan_optimistic(self) -> Plan | None:
         """Plan every intent as new from cached entities; None when an entity
-        is not cached (the writer then takes the reading path). The cached
-        states are changed in place: the writer must call ``committed`` or
-        ``invalidate`` afterwards."""
+        is not cached (the writer then takes the reading path).
+
+        The cache is updated at once, in place: it then holds the state
+        *after* this batch, so the next batch can be planned while this one
+        is still being written. That holds only while every planned batch
+        commits: the writer calls ``invalidate`` on any failure, which
+        forgets the whole cache."""
         cache = self.pipeline.cache
         states, versions = {}, {}
         for rec in self.records:
@@ -234,7 +238,10 @@ class BatchPlanner:
             if hit is _MISS:
                 return None
             states[entity], versions[entity] = hit
-        return self._plan(World(states, versions), range(1, len(self.records) + 1))
+        plan = self._plan(World(states, versions), range(1, len(self.records) + 1))
+        self.pipeline.remember(self.world)
+        self.world = None  # already remembered; committed() has nothing to add
+        return plan
 
     def _plan(self, world: World, new_ords: Iterable[int]) -> Plan:
         dead: dict[int, tuple[str, str]] = {}

@@ -138,16 +138,19 @@ class BatchWriter:
         self.notify = notify
 
     def write_fast(self, batch: str, size: int, reason: str, first_received: float, cut_at: float,
-                   planner: Planner | None = None) -> WriteResult | None:
+                   planner: Planner | None = None, plan: Plan | None = None,
+                   invalidate: bool = True) -> WriteResult | None:
         """The common case in ONE round trip: BEGIN, the batch row, a plain
         INSERT of the log, the state writes planned from the entity cache,
-        COMMIT. Returns None -- nothing written, use ``write`` -- when the
+        COMMIT. ``plan`` is the planner's ``plan_optimistic()`` if already
+        made. Returns None -- nothing written, use ``write`` -- when the
         cache misses an entity, the batch holds a resend (unique violation),
         or a cached entity changed behind our back (stale cache). Any other
-        failure raises, as ``write`` does."""
+        failure raises, as ``write`` does. With ``invalidate=False`` it
+        leaves the cache alone on failure (the caller must invalidate), so it
+        can run on a thread of its own while the caller plans the next batch."""
         conn = self.conn
-        plan = None
-        if planner is not None:
+        if planner is not None and plan is None:
             plan = planner.plan_optimistic()
             if plan is None:
                 return None
@@ -165,18 +168,16 @@ class BatchWriter:
                     if self.notify:
                         conn.execute(NOTIFY)
         except psycopg.Error as exc:
-            if planner is not None:
+            if planner is not None and invalidate:
                 planner.invalidate()
             if isinstance(exc, psycopg.errors.UniqueViolation) or \
                     (exc.diag is not None and exc.diag.sqlstate == STALE_CACHE):
                 return None
             raise
         except BaseException:
-            if planner is not None:
+            if planner is not None and invalidate:
                 planner.invalidate()
             raise
-        if planner is not None:
-            planner.committed()
         dead = plan.dead if plan is not None else {}
         return WriteResult(cb.fetchone()[0], size,
                            {o: ("dead_lettered", code, why, False) for o, (code, why) in dead.items()})
