@@ -216,12 +216,15 @@ class FlusherProcess:
         while job is not None:
             nxt = None
             if job.fast:
-                future = self._executor.submit(self._write_fast, job)
-                if self._beyond(job) >= limit and not self.stopping:
-                    nxt = self._cut(policy.SIZE, limit, after=job)
+                look_ahead = self._beyond(job) >= limit and not self.stopping
                 try:
-                    result = future.result()
-                except Exception as exc:  # surfaced below, on this thread
+                    if look_ahead:
+                        future = self._executor.submit(self._write_fast, job)
+                        nxt = self._cut(policy.SIZE, limit, after=job)
+                        result = future.result()
+                    else:  # nothing to overlap: skip the thread hand-off
+                        result = self._write_fast(job)
+                except Exception as exc:  # handled below, on this thread
                     result = exc
                 if not isinstance(result, WriteResult):
                     # Declined or failed: the cache may hold planned-but-unwritten
