@@ -7,7 +7,12 @@ flusher does no per-intent work to write the log. (Measured here: psycopg's
 Python-level list-to-array adaptation costs ~11 ms per 857-row batch, the one
 jsonb parameter ~1 ms.)
 
-Per batch, in one transaction:
+The common case (``write_fast``) is one round trip: BEGIN, the batch row, a
+plain INSERT of the log, the state writes planned from the pipeline's entity
+cache, COMMIT. When it declines (cache miss, a resend in the batch, a stale
+cache) nothing was written, and ``write`` does the general case.
+
+Per batch in ``write``, in one transaction:
 
 1. ``INSERT`` the ``batches`` row and the intent log with
    ``ON CONFLICT (client_id, seq) DO NOTHING RETURNING batch_ord``: the unique
