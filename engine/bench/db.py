@@ -511,26 +511,19 @@ def build_parser(prog: str = "bench_db") -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dsn", help="libpq connection string of an external PostgreSQL ≥ 14 "
                                  "(default: start an embedded one in a temp dir)")
-    p.add_argument("--rows", type=_positive, default=DEFAULT_ROWS,
+    p.add_argument("--rows", type=report.positive_int, default=DEFAULT_ROWS,
                    help="rows for each per-row operation (1 tx/row and the batched statement-per-row UPDATE)")
-    p.add_argument("--batches", type=_positive, default=DEFAULT_BATCHES,
+    p.add_argument("--batches", type=report.positive_int, default=DEFAULT_BATCHES,
                    help="batches for each bulk operation")
-    p.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--batch-size", type=report.positive_int, default=DEFAULT_BATCH_SIZE,
                    help="rows per transaction for the batched and bulk operations (the seed's 857)")
-    p.add_argument("--entities", type=_positive, default=DEFAULT_ENTITIES,
+    p.add_argument("--entities", type=report.positive_int, default=DEFAULT_ENTITIES,
                    help="rows in the entities table the UPDATEs hit (at least --batch-size)")
     p.add_argument("--only", type=_op_list, metavar="OP[,OP…]",
                    help="run only these operations (comma-separated keys, see below)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _op_list(text: str) -> list[str]:

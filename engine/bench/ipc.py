@@ -599,13 +599,13 @@ def build_parser(prog: str = "bench_ipc") -> argparse.ArgumentParser:
                     "writes the figures as JSON. Nothing busy-waits; no process or shared memory is left.",
         epilog="Variants: " + "; ".join(f"{v.key} = {v.label}" for v in VARIANTS) + ".",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-n", "--records", dest="n", type=_positive, default=DEFAULT_N,
+    p.add_argument("-n", "--records", dest="n", type=report.positive_int, default=DEFAULT_N,
                    help="intents each variant moves per round")
-    p.add_argument("--repeat", type=_positive, default=DEFAULT_REPEAT,
+    p.add_argument("--repeat", type=report.positive_int, default=DEFAULT_REPEAT,
                    help="rounds; the table shows the median")
-    p.add_argument("--chunk", type=_positive, default=DEFAULT_CHUNK,
+    p.add_argument("--chunk", type=report.positive_int, default=DEFAULT_CHUNK,
                    help="records the ring writer appends per publish (one cursor store + one wake-up)")
-    p.add_argument("--max-batch", type=_positive, default=DEFAULT_MAX_BATCH,
+    p.add_argument("--max-batch", type=report.positive_int, default=DEFAULT_MAX_BATCH,
                    help="records per reader run, per queue list and per faster-fifo get_many")
     p.add_argument("--ring-bytes", type=_power_of_two, default=DEFAULT_RING_BYTES,
                    help="ring capacity in bytes (a power of two; the engine's default)")
@@ -616,13 +616,6 @@ def build_parser(prog: str = "bench_ipc") -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _power_of_two(text: str) -> int:

@@ -115,6 +115,18 @@ def fmt_ratio(value: float | None) -> str:
     return f"{value:.1f}x" if value >= 10 else f"{value:.2f}x"
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, with a message that says so."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def write_json(path: str, data: dict[str, Any]) -> None:
     """Write ``data`` to ``path`` (``-`` is stdout), atomically for files."""
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
