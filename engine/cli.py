@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from engine import options as opts
@@ -60,7 +61,7 @@ def run_engine_main(argv: list[str] | None = None) -> int:
     try:
         options = parse_options(argv)
     except ConfigError as exc:
-        print(f"run_engine: configuration error: {exc}", file=sys.stderr)
+        _say(sys.stderr, f"run_engine: configuration error: {exc}")
         return 2
     logging.basicConfig(level=options.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s batchscheduler: supervisor [%(levelname)s] %(name)s: %(message)s")
@@ -74,10 +75,17 @@ def run_engine_main(argv: list[str] | None = None) -> int:
     try:
         supervisor.start()
     except (StartupError, ConfigError, OSError) as exc:
-        print(f"run_engine: cannot start: {exc}", file=sys.stderr)
+        _say(sys.stderr, f"run_engine: cannot start: {exc}")
         return 1
-    print(f"socket: {supervisor.socket_path}", flush=True)
-    print(f"dsn: {supervisor._safe_dsn()}", flush=True)
-    print(f"ready (pid {__import__('os').getpid()}, {options.ingests} ingest(s), "
-          f"window {options.time_window_ms:g} ms, max batch {options.max_batch_size})", flush=True)
+    # The CLI's product on stdout (what a wrapper script parses); diagnostics
+    # go through logging to stderr.
+    _say(sys.stdout, f"socket: {supervisor.socket_path}")
+    _say(sys.stdout, f"dsn: {supervisor._safe_dsn()}")
+    _say(sys.stdout, f"ready (pid {os.getpid()}, {options.ingests} ingest(s), "
+                     f"window {options.time_window_ms:g} ms, max batch {options.max_batch_size})")
     return supervisor.run()
+
+
+def _say(stream, line: str) -> None:
+    stream.write(line + "\n")
+    stream.flush()

@@ -599,7 +599,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted; scratch schema dropped, embedded server stopped")
         return 130
-    print(render(doc), file=out)
+    out.write(render(doc) + "\n")
     if args.json:
         report.write_json(args.json, doc)
     return 0

@@ -649,7 +649,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted; writers reaped, nothing measured")
         return 130
-    print(render(doc), file=out)
+    out.write(render(doc) + "\n")
     if args.json:
         report.write_json(args.json, doc)
     return 0

@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from typing import Any, Sequence
 
 UNKNOWN = "unknown"
@@ -131,7 +132,7 @@ def write_json(path: str, data: dict[str, Any]) -> None:
     """Write ``data`` to ``path`` (``-`` is stdout), atomically for files."""
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     if path == "-":
-        print(text, end="")
+        sys.stdout.write(text)
         return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
