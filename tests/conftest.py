@@ -60,10 +60,28 @@ def no_leaks():
     me = psutil.Process()
     before_children = {p.pid for p in me.children(recursive=True)}
     yield
+
+    def alive(proc: psutil.Process) -> bool:
+        try:
+            return proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:  # exited between listing and looking
+            return False
+
+    def leftovers() -> list[psutil.Process]:
+        # Backends of the session's own PostgreSQL come and go with
+        # connections; they are that server's business, not a leak.
+        return [p for p in me.children(recursive=True)
+                if p.pid not in before_children and p.ppid() not in before_children and alive(p)]
+
     def settled():
-        extra = [p for p in me.children(recursive=True) if p.pid not in before_children]
-        return not [p for p in extra if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    wait_for(settled, 10, "child processes to exit")
+        try:
+            return not leftovers()
+        except psutil.NoSuchProcess:
+            return False
+    try:
+        wait_for(settled, 10, "child processes to exit")
+    except AssertionError:
+        raise AssertionError(f"processes left behind: {[(p.pid, p.name()) for p in leftovers()]}") from None
     assert _shm_entries() <= before_shm, f"leaked /dev/shm entries: {_shm_entries() - before_shm}"
 
 

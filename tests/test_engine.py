@@ -167,6 +167,13 @@ def _op(eng, op: str) -> dict:
         return json.loads(s.makefile("rb").readline())
 
 
+def _restarted(eng, role: str, old_pid: int) -> bool:
+    """A worker with that role is up under a new pid (one snapshot: a worker
+    that just started may not have set its title yet)."""
+    worker = eng.workers().get(role)
+    return worker is not None and worker.pid != old_pid
+
+
 def _ingest_received(eng) -> int:
     return _op(eng, "metrics")["ingests"][0]["received"]
 
@@ -181,8 +188,7 @@ def test_worker_killed_mid_load_is_restarted_and_nothing_is_lost_or_doubled(engi
 
     def kill():
         victim.send_signal(signal.SIGKILL)
-        wait_for(lambda: engine.workers().get(role) and engine.workers()[role].pid != victim.pid,
-                 15, f"{role} restart")
+        wait_for(lambda: _restarted(engine, role, victim.pid), 15, f"{role} restart")
 
     results = load(engine, 4, 6_000, during=kill)
     assert_exactly_once(engine, results, 4, 6_000)
@@ -195,7 +201,7 @@ def test_worker_over_its_rss_limit_is_recycled_and_intents_still_commit(engine_f
     eng = engine_factory("--worker-rss-limit-mb", "40")
     first = eng.worker("flusher").pid
     wait_for(lambda: "RSS > worker_rss_limit_mb=40; recycling it" in eng.log(), 15, "RSS recycling")
-    wait_for(lambda: eng.workers().get("flusher") and eng.workers()["flusher"].pid != first, 15, "new flusher")
+    wait_for(lambda: _restarted(eng, "flusher", first), 15, "new flusher")
     with Client(eng.socket, client_id="rss", first_seq=1, timeout=60) as client:
         replies = client.submit_many([client.intent("r", "spawn", {})] +
                                      [client.intent("r", "say", {"text": str(i)}) for i in range(200)])
