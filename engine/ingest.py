@@ -89,6 +89,14 @@ class Connection(asyncio.Protocol):
         if self.closing and self.in_flight <= 0 and not self.backlog:
             self.close()
 
+    def eof_received(self) -> bool:
+        """The client half-closed (``printf … | socat``): it sends nothing
+        more, but still reads. Keep the connection until every intent it
+        sent is answered, then close."""
+        self.closing = True
+        self.close_if_done()
+        return True  # keep the transport open for our replies
+
     def pause_writing(self) -> None:
         self.pause("writes")
 

@@ -246,3 +246,17 @@ def test_database_outage_opens_breaker_answers_busy_and_loses_nothing(short_tmp)
         code = eng.stop()
         pg.stop()
     assert code == 0
+
+
+def test_client_that_half_closes_still_gets_every_reply(engine):
+    # printf '...' | socat - UNIX-CONNECT:engine.sock: stdin ends, socat
+    # shuts down its write side, and must still read the replies.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(engine.socket))
+        s.settimeout(10)
+        s.sendall(b'{"client_id":"hc","seq":1,"entity":"h","kind":"spawn","args":{}}\n'
+                  b'{"client_id":"hc","seq":2,"entity":"h","kind":"say","args":{"text":"bye"}}\n')
+        s.shutdown(socket.SHUT_WR)
+        lines = s.makefile("rb").read().splitlines()  # until the engine closes
+    assert sorted(json.loads(line)["seq"] for line in lines) == [1, 2]
+    assert all(json.loads(line)["status"] == "committed" for line in lines)
