@@ -260,3 +260,20 @@ def test_client_that_half_closes_still_gets_every_reply(engine):
         lines = s.makefile("rb").read().splitlines()  # until the engine closes
     assert sorted(json.loads(line)["seq"] for line in lines) == [1, 2]
     assert all(json.loads(line)["status"] == "committed" for line in lines)
+
+
+def test_adaptive_batching_shrinks_the_limit_when_latency_exceeds_its_threshold(engine_factory):
+    # A 1 ms latency threshold cannot be met (the window alone is 5 ms), so
+    # every batch shrinks the limit by the adjustment factor, down to the floor.
+    eng = engine_factory("--adaptive-batching", "--max-batch-size", "200", "--min-batch-size", "20",
+                         "--time-window-ms", "5", "--latency-threshold-ms", "1", "--adjustment-factor", "0.5")
+    assert _op(eng, "health")["current_batch_size"] == 200
+    with Client(eng.socket, client_id="adapt", first_seq=1, timeout=60) as client:
+        client.submit(client.intent("a", "spawn", {}))
+        for _ in range(6):
+            replies = client.submit_many([client.intent("a", "say", {"text": "x"}) for _ in range(50)])
+            assert all(r.status == COMMITTED for r in replies)
+    assert _op(eng, "health")["current_batch_size"] == 20
+    (biggest,), = query(eng.dsn, "SELECT max(size) FROM batchscheduler.batches WHERE id > "
+                                 "(SELECT max(id) - 3 FROM batchscheduler.batches)")
+    assert biggest <= 20  # the shrunken limit is what the flusher cuts at
