@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 
-from ipc.control import Control, Flusher as F, Ingest as I, Worker as W
+from ipc.control import Control, Flusher as F, Ingest as I
 
 _FLUSHER_NAMES = {v: k.lower() for k, v in vars(F).items() if k.isupper() and k != "COUNT"}
 _INGEST_NAMES = {v: k.lower() for k, v in vars(I).items() if k.isupper() and k != "COUNT"}

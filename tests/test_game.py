@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 from conftest import ROOT, execute, query
 from engine.client import Client
