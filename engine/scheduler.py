@@ -101,9 +101,28 @@ class BatchScheduler:
             raise EngineError("BatchScheduler already started")
         self._stopping.clear()
         supervisor = Supervisor(self.options)
-        supervisor.start()
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        def supervise() -> None:
+            # Workers are started from this long-lived thread, not from the
+            # caller's: their parent-death signal follows the thread that
+            # forked them, and the caller's thread may end before the engine.
+            try:
+                supervisor.start()
+            except BaseException as exc:
+                failure.append(exc)
+                started.set()
+                return
+            started.set()
+            supervisor.run()
+
+        self._spawn_thread("batchscheduler-supervisor", supervise)
+        started.wait()
+        if failure:
+            self._threads = []
+            raise failure[0]
         self._supervisor = supervisor
-        self._spawn_thread("batchscheduler-supervisor", supervisor.run)
         if self.event_bus is not None:
             # LISTEN before start() returns, so no committed batch goes unannounced.
             listener = psycopg.connect(supervisor.dsn, autocommit=True)

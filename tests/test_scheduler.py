@@ -62,3 +62,28 @@ def test_configure_before_start_may_change_anything(short_tmp):
     scheduler = BatchScheduler(socket=str(short_tmp / "s.sock"))
     scheduler.configure(ingests=3, time_window_ms=15)
     assert scheduler.options.ingests == 3 and scheduler.options.time_window_ms == 15
+
+
+def test_engine_started_from_a_short_lived_thread_outlives_it(dsn, short_tmp):
+    # Workers get a parent-death signal; it must not fire when the thread
+    # that called start() ends.
+    scheduler = BatchScheduler(dsn=dsn, socket=str(short_tmp / "s.sock"), data_dir=str(short_tmp / "var"))
+    starter = threading.Thread(target=scheduler.start)
+    starter.start()
+    starter.join()
+    try:
+        pids = {w["role"]: w["pid"] for w in scheduler.metrics()["workers"]}
+        with scheduler.client(client_id="thread", first_seq=1) as client:
+            assert client.submit(client.intent("t", "spawn", {})).status == COMMITTED
+        assert {w["role"]: w["pid"] for w in scheduler.metrics()["workers"]} == pids
+        assert all(m["restarts"] == 0 for m in scheduler.metrics()["workers"])
+    finally:
+        scheduler.stop()
+
+
+def test_start_failure_is_raised_to_the_caller(short_tmp):
+    scheduler = BatchScheduler(dsn="host=/nonexistent-dir dbname=nope connect_timeout=2",
+                               socket=str(short_tmp / "s.sock"))
+    with pytest.raises(Exception, match="unusable|nonexistent"):
+        scheduler.start()
+    assert not (short_tmp / "s.sock").exists()
