@@ -173,11 +173,14 @@ def _client(index: int, plan: Plan, start_at: float, out) -> None:
 
 
 class Sampler(threading.Thread):
-    """Samples CPU% and RSS of the engine's processes and PostgreSQL."""
+    """Samples CPU% and RSS of the engine's processes and PostgreSQL, and the
+    engine's committed-intents counter (the ``metrics`` request on its
+    socket) for throughput over time."""
 
-    def __init__(self, engine_pid: int | None, interval: float = 0.5) -> None:
+    def __init__(self, engine_pid: int | None, interval: float = 0.5, socket_path: str | None = None) -> None:
         super().__init__(daemon=True)
         self.engine_pid = engine_pid
+        self.socket_path = socket_path
         self.interval = interval
         self.samples: list[dict] = []
         self._halt = threading.Event()
@@ -198,7 +201,7 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         t0 = time.monotonic()
         while not self._halt.wait(self.interval):
-            sample = {"t": round(time.monotonic() - t0, 3), "procs": {}}
+            sample = {"t": round(time.monotonic() - t0, 3), "procs": {}, "committed": self._committed()}
             for proc in self._targets():
                 cached = self._procs.setdefault(proc.pid, proc)
                 try:
@@ -211,6 +214,19 @@ class Sampler(threading.Thread):
                 except psutil.Error:
                     continue
             self.samples.append(sample)
+
+    def _committed(self) -> int | None:
+        if not self.socket_path:
+            return None
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(2)
+                s.connect(self.socket_path)
+                s.sendall(b'{"op":"metrics"}\n')
+                line = s.makefile("rb").readline()
+            return int(msgspec.json.decode(line)["flusher"]["committed"])
+        except (OSError, ValueError, KeyError, msgspec.DecodeError):
+            return None
 
     def stop(self) -> None:
         self._halt.set()

@@ -37,6 +37,20 @@ def load_plots(results: list[dict], out_dir: str) -> list[Path]:
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
+        points = [(s["t"], s.get("committed")) for s in r["samples"] if s.get("committed") is not None]
+        rates = [(t1, (c1 - c0) / (t1 - t0)) for (t0, c0), (t1, c1) in zip(points, points[1:]) if t1 > t0]
+        if rates:
+            ax.plot([t for t, _ in rates], [v for _, v in rates], label=r["variant"])
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("committed intents/s")
+    ax.set_title("Throughput over time (engine's commit counter)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    paths.append(out / "throughput.png")
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
         roles = sorted({role for s in r["samples"] for role in s["procs"]})
         for role in roles:
             ax.plot([s["t"] for s in r["samples"]], [s["procs"].get(role, {}).get("rss_mb", 0) for s in r["samples"]],
