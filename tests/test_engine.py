@@ -321,3 +321,24 @@ def test_sigterm_under_load_answers_everything_it_read_and_exits_0(engine_factor
     # Anything stored but not answered was read before the drain began: the
     # drain must have answered it.
     assert stored == committed, f"{len(stored - committed)} stored intents were never answered"
+
+
+def test_supervisor_killed_with_sigkill_leaves_nothing_running_and_restarts_clean(short_tmp):
+    from conftest import start_engine
+    eng = start_engine(short_tmp, None)  # embedded PostgreSQL, owned by this supervisor
+    tree = [eng.proc.pid] + [p.pid for p in psutil.Process(eng.proc.pid).children(recursive=True)]
+    assert any("postgres" in " ".join(psutil.Process(pid).cmdline()) for pid in tree)
+    eng.proc.send_signal(signal.SIGKILL)
+    eng.proc.wait()
+    eng.close_pipes()
+
+    def gone():
+        return not [pid for pid in tree if psutil.pid_exists(pid)
+                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    # Workers drain on their parent-death SIGTERM; PostgreSQL fast-shuts down on its SIGINT.
+    wait_for(gone, 20, "the whole process tree to exit")
+    again = start_engine(short_tmp, None)  # same data dir, same (stale) socket path
+    with Client(again.socket, client_id="after-kill", first_seq=1) as client:
+        assert client.submit(client.intent("phoenix", "spawn", {})).status == COMMITTED
+    assert again.stop() == 0
+    assert not again.socket.exists()
