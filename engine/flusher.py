@@ -67,14 +67,6 @@ class _Pending:
         return payloads, commit_to
 
 
-class _DataError(Exception):
-    """A batch failed on its data (not on the connection)."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
 class _Job:
     """One cut batch on its way to the database."""
 
@@ -227,13 +219,13 @@ class FlusherProcess:
                 except Exception as exc:  # handled below, on this thread
                     result = exc
                 if not isinstance(result, WriteResult):
-                    # Declined or failed: the cache may hold planned-but-unwritten
-                    # states (this batch's and the look-ahead's). Forget them.
+                    # Declined (None) or failed: the cache may hold planned but
+                    # unwritten states (this batch's and the look-ahead's).
                     if job.planner is not None:
                         job.planner.invalidate()
                     nxt = None
                     self.counters.add(F.SLOW_PATH, 1)
-                    result = self._write_slow(job, result)
+                    result = self._write_slow(job, result if isinstance(result, BaseException) else None)
             else:
                 result = self._write_slow(job, None)
             if result is None:
@@ -284,45 +276,39 @@ class FlusherProcess:
         return self._writer().write_fast(job.text, len(job.parts), job.reason, job.first_wall, job.cut_wall,
                                          job.planner, job.plan, invalidate=False)
 
-    def _write_slow(self, job: "_Job", previous: object) -> WriteResult | None:
-        """The reading path, then per-intent isolation on a data error; None
-        after a database failure (counted; the breaker decides what next)."""
-        text, parts = job.text, job.parts
-        planner = self.pipeline.planner(job.batch) if self.pipeline is not None else None
+    def _write_slow(self, job: "_Job", previous: BaseException | None) -> WriteResult | None:
+        """The reading path -- unless the fast path already failed with
+        ``previous`` -- then per-intent isolation on a data error. None after
+        a database failure (counted; the breaker decides what next)."""
         try:
-            if isinstance(previous, BaseException) and not isinstance(previous, psycopg.Error):
-                raise previous  # a pipeline failure on the fast path: isolate below
-            if isinstance(previous, psycopg.Error):
-                if is_connection_error(previous):
-                    raise previous
-                raise _DataError(previous)
-            writer = self._writer()
-            try:
-                return writer.write(text, len(parts), job.reason, job.first_wall, job.cut_wall, planner)
-            except Exception as exc:
-                if isinstance(exc, psycopg.Error) and is_connection_error(exc):
-                    raise
-                raise _DataError(exc) from exc
-        except _DataError as wrapped:  # data error or pipeline failure: isolate the culprit
-            exc = wrapped.cause
-            try:
-                writer = self._writer()
-                if self.conn is not None and not self.conn.closed and self.conn.info.transaction_status:
-                    self.conn.rollback()
-                self.counters.add(F.FALLBACKS, 1)
-                log.warning("batch of %d failed on its data (%s); retrying intent by intent",
-                            len(parts), str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            if previous is None:
                 planner = self.pipeline.planner(job.batch) if self.pipeline is not None else None
-                return writer.write_isolated(text, [bytes(p).decode() for p in parts], job.reason,
-                                             job.first_wall, job.cut_wall, planner)
-            except psycopg.Error as exc2:
-                if not is_connection_error(exc2):
-                    raise
-                self._db_failed(exc2)
-                return None
+                try:
+                    return self._writer().write(job.text, len(job.parts), job.reason, job.first_wall,
+                                                job.cut_wall, planner)
+                except Exception as exc:
+                    previous = exc
+            if isinstance(previous, psycopg.Error) and is_connection_error(previous):
+                raise previous
+            return self._isolate(job, previous)
         except psycopg.Error as exc:
+            if not is_connection_error(exc):
+                raise  # isolation itself failed on data: a bug; let the supervisor restart us
             self._db_failed(exc)
             return None
+
+    def _isolate(self, job: "_Job", cause: BaseException) -> WriteResult:
+        """The batch failed on its data (or a handler): redo it intent by
+        intent so only the culprits are dead-lettered."""
+        writer = self._writer()
+        if self.conn is not None and not self.conn.closed and self.conn.info.transaction_status:
+            self.conn.rollback()
+        self.counters.add(F.FALLBACKS, 1)
+        log.warning("batch of %d failed on its data (%s); retrying intent by intent", len(job.parts),
+                    str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__)
+        planner = self.pipeline.planner(job.batch) if self.pipeline is not None else None
+        return writer.write_isolated(job.text, [bytes(p).decode() for p in job.parts], job.reason,
+                                     job.first_wall, job.cut_wall, planner)
 
     def _acknowledge(self, job: "_Job", result: WriteResult) -> None:
         """Durable: tell the ingests, outcomes before cursors."""

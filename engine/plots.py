@@ -16,6 +16,19 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend_size: int | None = None) -> Path:
+    """Label, grid, legend, write the PNG, free the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:  # nothing plotted (no samples): no empty legend
+        ax.legend(fontsize=legend_size)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def load_plots(results: list[dict], out_dir: str) -> list[Path]:
     plt = _pyplot()
     out = Path(out_dir)
@@ -27,42 +40,21 @@ def load_plots(results: list[dict], out_dir: str) -> list[Path]:
         if lat:
             ax.plot(lat, [i / len(lat) for i in range(len(lat))], label=r["variant"])
     ax.set_xscale("log")
-    ax.set_xlabel("reply latency (ms)")
-    ax.set_ylabel("fraction of intents")
-    ax.set_title("Reply latency CDF")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    paths.append(out / "latency_cdf.png")
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    paths.append(_save(plt, fig, ax, out / "latency_cdf.png", "Reply latency CDF", "reply latency (ms)", "fraction of intents"))
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         points = [(s["t"], s.get("committed")) for s in r["samples"] if s.get("committed") is not None]
         rates = [(t1, (c1 - c0) / (t1 - t0)) for (t0, c0), (t1, c1) in zip(points, points[1:]) if t1 > t0]
         if rates:
             ax.plot([t for t, _ in rates], [v for _, v in rates], label=r["variant"])
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("committed intents/s")
-    ax.set_title("Throughput over time (engine's commit counter)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    paths.append(out / "throughput.png")
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    paths.append(_save(plt, fig, ax, out / "throughput.png", "Throughput over time (engine's commit counter)", "seconds", "committed intents/s"))
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         roles = sorted({role for s in r["samples"] for role in s["procs"]})
         for role in roles:
             ax.plot([s["t"] for s in r["samples"]], [s["procs"].get(role, {}).get("rss_mb", 0) for s in r["samples"]],
                     label=f"{r['variant']}: {role}")
-    ax.set_xlabel("seconds")
-    ax.set_ylabel("RSS (MiB)")
-    ax.set_title("Resident memory over time")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    paths.append(out / "rss.png")
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    paths.append(_save(plt, fig, ax, out / "rss.png", "Resident memory over time", "seconds", "RSS (MiB)", legend_size=7))
     return paths
 
 
@@ -77,12 +69,4 @@ def sweep_plot(result: dict, out_dir: str) -> Path:
     if predicted:
         fitted = sorted((int(k), v) for k, v in predicted.items())  # JSON makes the keys strings
         ax.plot([k for k, _ in fitted], [v for _, v in fitted], "--", label="E(n) fit")
-    ax.set_xlabel("max batch size")
-    ax.set_ylabel("committed intents/s")
-    ax.set_title("Batch size sweep")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    path = out / "sweep.png"
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, out / "sweep.png", "Batch size sweep", "max batch size", "committed intents/s")

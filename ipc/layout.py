@@ -91,8 +91,3 @@ def max_payload(capacity: int) -> int:
     """Largest payload one record may carry: half the ring, so a pad plus the
     record always fits once the consumer has caught up."""
     return capacity // 2 - RECORD_HEADER_BYTES
-
-
-def index(position: int, capacity: int) -> int:
-    """Offset inside the data area of cursor ``position``."""
-    return position & (capacity - 1)

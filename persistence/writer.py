@@ -85,7 +85,6 @@ STALE_CACHE = "BS001"
 
 NOTIFY = "SELECT pg_notify('batchscheduler_batches', currval('batchscheduler.batches_id_seq')::text)"
 
-DUPLICATE_SENTINEL = "duplicate"
 
 
 @dataclass
@@ -125,7 +124,6 @@ class WriteResult:
     outcomes: dict[int, tuple[str, str, str, bool]]
     """ord -> (status, code, reason, duplicate) for every intent that is not
     simply newly committed; absent ords are newly committed."""
-    isolated: bool = False
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -288,10 +286,8 @@ class BatchWriter:
                 conn.execute(NOTIFY)
         if planner is not None:
             planner.invalidate()  # states were changed one intent at a time
-        result = self._finish(batch, len(records), batch_id, new + list(unstorable),
-                              Plan(dead={**outcomes_dead, **unstorable}))
-        result.isolated = True
-        return result
+        return self._finish(batch, len(records), batch_id, new + list(unstorable),
+                            Plan(dead={**outcomes_dead, **unstorable}))
 
     # ------------------------------------------------------------------ private
     def _mark_dead(self, dead: dict[int, tuple[str, str]]) -> None:
