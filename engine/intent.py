@@ -16,8 +16,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 # Lengths are checked by the decoder. NUL (which PostgreSQL text and jsonb
-# cannot hold) is checked by ``check_text`` after decoding: a regex here
-# triples the decode cost and words its error worse.
+# cannot hold) is checked by ``record_problem`` after decoding: a regex here
+# doubled the cost of decoding and re-encoding an intent (3.0 vs 1.4 us,
+# measured) and words its error worse.
 ClientId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 EntityId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]

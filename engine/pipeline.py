@@ -84,7 +84,7 @@ def _is_number(value: Any) -> bool:
 
 def _copy(value: Any) -> Any:
     # Handlers may reuse one value in several ops; only containers need a
-    # private copy (deepcopy of a str costs ~3 us, of nothing at all).
+    # private copy; deepcopy of a scalar is wasted work on the hot path.
     return copy.deepcopy(value) if isinstance(value, (dict, list)) else value
 
 
@@ -273,7 +273,7 @@ class Pipeline:
     committed are the states in the database -- unless someone else writes
     the table, which the version check in ``UPDATE_ENTITIES`` detects."""
 
-    # 200k entities of a few hundred bytes: tens of MiB, well inside the
+    # 200k entities of a few hundred bytes each stays well inside the
     # worker's default 512 MiB RSS limit.
     CACHE_MAX = 200_000
 

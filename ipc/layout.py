@@ -2,7 +2,8 @@
 
 A ring is a header followed by a power-of-two data area. Every cursor sits on
 its own 64-byte cache line so the writer of one never invalidates the line the
-reader of another is polling (false sharing costs ~100 ns a touch on x86).
+reader of another is polling (false sharing: each store would invalidate
+the other process's cached line).
 
 Ring header (``HEADER_BYTES`` = 256)::
 

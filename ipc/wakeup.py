@@ -1,6 +1,6 @@
 """Kernel wake-ups between processes: an eventfd, never a spin.
 
-``signal()`` adds 1 to the counter (one ``write`` syscall, ~1 us); ``wait``
+``signal()`` adds 1 to the counter (one ``write`` syscall); ``wait``
 blocks in ``poll`` until the counter is non-zero or the timeout passes, then
 drains it. Many signals before a wait collapse into one wake-up, which is
 what a batching consumer wants. The descriptor is non-blocking so a signal

@@ -35,7 +35,7 @@ PG_USER = "postgres"
 SYSTEM_USER = "batchscheduler_pg"
 DATABASE = "postgres"
 # Long enough for initdb-less restarts and crash recovery of a small cluster
-# on a loaded 2-core box; a first start measured ~0.5 s here.
+# on a loaded 2-core box; a first start (initdb included) took ~1 s here.
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
 

@@ -24,8 +24,8 @@ CREATE TABLE batchscheduler.intent_log (
     status      text        NOT NULL CHECK (status IN ('committed', 'dead_lettered')),
     code        text,
     reason      text,
-    -- No foreign key to batches: a per-row FK check would cost ~10% of the
-    -- batch insert, and both rows are written by the same transaction.
+    -- No foreign key to batches: it would add a per-row trigger check to
+    -- every batch insert, and both rows are written by the same transaction.
     batch_id    bigint      NOT NULL,
     batch_ord   integer     NOT NULL,
     received_at timestamptz NOT NULL,
