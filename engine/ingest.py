@@ -35,8 +35,9 @@ from ipc.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
-# What msgspec raises on bytes it cannot turn into the expected type
-# (invalid UTF-8 inside a string surfaces as UnicodeDecodeError).
+# What msgspec raises on bytes it cannot turn into the expected type. Invalid
+# UTF-8 surfaces as UnicodeDecodeError or DecodeError depending on the msgspec
+# release; which one is never used to classify it (see _rejection).
 _UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
 
 # A client that stops reading its replies: past this much unsent reply data
@@ -331,32 +332,61 @@ class IngestProcess:
         return True
 
     def _rejection(self, conn: Connection, frame: bytes, packed: bool, exc: Exception) -> bytes:
-        client_id = seq = None
-        try:
-            probe = (self._probe_pack if packed else self._probe_json).decode(frame)
-            client_id = probe.client_id if isinstance(probe.client_id, str) else None
-            seq = probe.seq if isinstance(probe.seq, int) and not isinstance(probe.seq, bool) else None
-        except _UNDECODABLE:
-            pass
+        # Invalid UTF-8 is found by the engine itself and takes precedence
+        # over every other problem, so the reply is the same whichever
+        # msgspec release decoded the frame and whichever error it hit first.
+        bad = wire.msgpack_bad_utf8(frame) if packed else wire.json_bad_utf8(frame)
+        if bad is not None:
+            return self._bad_utf8_rejection(conn, frame, packed, bad)
+        client_id, seq = self._probe(frame, packed)
         if isinstance(exc, msgspec.ValidationError):
             code, reason = "invalid", f"invalid intent: {exc}"
         elif isinstance(exc, RecursionError):
             code, reason = "malformed", "message nested too deeply"
-        elif isinstance(exc, UnicodeDecodeError):
-            code = "not_utf8" if not packed else "malformed"
-            reason = f"a string is not valid UTF-8 ({exc.reason} at byte {exc.start} of that string)"
         else:
             code = "malformed"
             what = "MessagePack" if packed else "JSON"
             reason = f"not valid {what}: {exc}"
-        if not packed and code != "not_utf8":
-            # A JSON line that is not UTF-8 says so, whatever the decoder
-            # tripped over first.
-            try:
-                frame.decode("utf-8")
-            except UnicodeDecodeError as bad:
-                code, reason = "not_utf8", f"line is not valid UTF-8 (byte {bad.start})"
         return self.encode_reply(conn, Reply(client_id, seq, im.REJECTED, code, im.clip_reason(reason)))
+
+    def _bad_utf8_rejection(self, conn: Connection, frame: bytes, packed: bool, bad: wire.BadUtf8) -> bytes:
+        """``malformed`` (MessagePack) or ``not_utf8`` (JSON), echoing the
+        client_id and seq when they themselves are readable.
+
+        To read them, the bad bytes are overwritten with something no valid
+        client_id holds (NUL in a MessagePack string, U+FFFD in a JSON line)
+        and the frame is probed again."""
+        if packed:
+            repaired = bytearray(frame)
+            for start, end in bad.spans:
+                repaired[start:end] = bytes(end - start)
+            client_id, seq = self._probe(bytes(repaired), packed)
+            if client_id is not None and "\0" in client_id:
+                client_id = None
+            reason = f"a string is not valid UTF-8 ({bad.reason} at byte {bad.offset} of the frame)"
+            return self.encode_reply(conn, Reply(client_id, seq, im.REJECTED, "malformed", reason))
+        text = frame.decode("utf-8", "replace")
+        client_id, seq = self._probe(text.encode(), packed)
+        if client_id is not None and "\ufffd" in client_id:
+            client_id = None
+        try:
+            # Replaced bytes inside strings leave valid JSON; outside, not.
+            msgspec.json.decode(text)
+            where = "a string"
+        except _UNDECODABLE:
+            where = "line"
+        reason = f"{where} is not valid UTF-8 ({bad.reason} at byte {bad.offset} of the line)"
+        return self.encode_reply(conn, Reply(client_id, seq, im.REJECTED, "not_utf8", reason))
+
+    def _probe(self, frame: bytes, packed: bool) -> tuple[str | None, int | None]:
+        """The client_id and seq of a frame that failed to decode, where readable."""
+        try:
+            probe = (self._probe_pack if packed else self._probe_json).decode(frame)
+        except _UNDECODABLE:
+            return None, None
+        client_id = probe.client_id if isinstance(probe.client_id, str) else None
+        seq = probe.seq if isinstance(probe.seq, int) and not isinstance(probe.seq, bool) else None
+        return client_id, seq
 
     # ----------------------------------------------------------------- output
     def on_commit(self) -> None:

@@ -16,6 +16,7 @@ one JSON error line. What a frame *contains* is the engine's business.
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 MODE_MSGPACK = "msgpack"
 MODE_JSON = "json"
@@ -153,3 +154,96 @@ def frame_msgpack(payload: bytes) -> bytes:
 def frame_json(payload: bytes) -> bytes:
     """Terminate a JSON payload with a newline."""
     return payload + b"\n"
+
+
+# ---------------------------------------------------------------- UTF-8 checks
+# The engine decides for itself whether a frame holds invalid UTF-8, rather
+# than reading it off a decoder's exception: msgspec reported it as
+# UnicodeDecodeError up to 0.22 and as DecodeError from 0.23 on, and what a
+# client is told must not depend on which release pip resolved.
+
+# MessagePack items that carry a payload of fixed size after the type byte.
+_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
+          0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}
+# Items whose payload length follows the type byte: (width of the length, extra bytes).
+_SIZED = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0),  # bin
+          0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),  # ext (the extra byte is its type)
+          0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)}  # str
+_STR8_32 = frozenset((0xD9, 0xDA, 0xDB))
+# Containers whose item count follows the type byte: (width of the count, items per entry).
+_COUNTED = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
+
+
+class BadUtf8(NamedTuple):
+    """Where a frame first holds invalid UTF-8."""
+
+    offset: int  # from the first byte of the frame (the MessagePack map or the JSON line)
+    reason: str  # the codec's word for it, e.g. "invalid start byte"
+    spans: tuple[tuple[int, int], ...]  # every MessagePack string that is not UTF-8 (empty for JSON)
+
+
+def msgpack_bad_utf8(frame: bytes) -> BadUtf8 | None:
+    """The MessagePack strings in ``frame`` that are not valid UTF-8, or None.
+
+    A linear scan with a count of items still to read (no recursion, so no
+    nesting depth can hurt it); it stops quietly where the frame stops making
+    sense, reporting what it found before that point. Called on the error
+    path only."""
+    spans: list[tuple[int, int]] = []
+    first: tuple[int, str] | None = None
+    pos, end, pending = 0, len(frame), 1
+    while pending and pos < end:
+        pending -= 1
+        t = frame[pos]
+        pos += 1
+        if t <= 0x7F or t >= 0xE0:  # fixints
+            continue
+        if t <= 0x8F:  # fixmap
+            pending += 2 * (t & 0x0F)
+            continue
+        if t <= 0x9F:  # fixarray
+            pending += t & 0x0F
+            continue
+        if t <= 0xBF:  # fixstr
+            start, pos = pos, pos + (t & 0x1F)
+        elif t in _FIXED:
+            pos += _FIXED[t]
+            continue
+        elif t in _SIZED:
+            width, extra = _SIZED[t]
+            if pos + width > end:
+                break
+            size = int.from_bytes(frame[pos:pos + width], "big")
+            start = pos + width + extra
+            pos = start + size
+            if t not in _STR8_32:
+                continue
+        elif t in _COUNTED:
+            width, per = _COUNTED[t]
+            if pos + width > end:
+                break
+            pending += per * int.from_bytes(frame[pos:pos + width], "big")
+            pos += width
+            continue
+        else:  # 0xC1 is never used
+            break
+        if pos > end:
+            break
+        try:
+            frame[start:pos].decode("utf-8")
+        except UnicodeDecodeError as bad:
+            spans.append((start, pos))
+            if first is None:
+                first = (start + bad.start, bad.reason)
+    if first is None:
+        return None
+    return BadUtf8(first[0], first[1], tuple(spans))
+
+
+def json_bad_utf8(line: bytes) -> BadUtf8 | None:
+    """Where a JSON line first fails to be UTF-8, or None when it is UTF-8."""
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return BadUtf8(bad.start, bad.reason, ())
+    return None
