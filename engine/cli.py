@@ -23,13 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tools/run_engine",
         description="Run the BatchScheduler engine in the foreground: embedded PostgreSQL (or --dsn), "
-                    "supervisor, flusher and ingest processes. Prints the socket path, the DSN and a "
-                    "'ready' line; SIGTERM or Ctrl-C drains (stop accepting, flush, reply) and exits 0.",
+        "supervisor, flusher and ingest processes. Prints the socket path, the DSN and a "
+        "'ready' line; SIGTERM or Ctrl-C drains (stop accepting, flush, reply) and exits 0.",
         epilog="Every option can also come from a TOML file (--config; top-level keys or an [engine] "
-               "table) or an environment variable BATCHSCHEDULER_<OPTION> (e.g. "
-               "BATCHSCHEDULER_TIME_WINDOW_MS=5). Precedence: defaults < preset < file < environment < flags. "
-               f"Presets (from the seed): {'; '.join(f'{k}: {v}' for k, v in PRESETS.items())}.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "table) or an environment variable BATCHSCHEDULER_<OPTION> (e.g. "
+        "BATCHSCHEDULER_TIME_WINDOW_MS=5). Precedence: defaults < preset < file < environment < flags. "
+        f"Presets (from the seed): {'; '.join(f'{k}: {v}' for k, v in PRESETS.items())}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--config", metavar="FILE", help="TOML file of options")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="start from one of the seed's presets")
     for name, typ in FIELDS.items():
@@ -63,8 +64,11 @@ def run_engine_main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _say(sys.stderr, f"run_engine: configuration error: {exc}")
         return 2
-    logging.basicConfig(level=options.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s batchscheduler: supervisor [%(levelname)s] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=options.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s batchscheduler: supervisor [%(levelname)s] %(name)s: %(message)s",
+    )
     from setproctitle import setproctitle
 
     from engine.supervisor import Supervisor
@@ -81,8 +85,11 @@ def run_engine_main(argv: list[str] | None = None) -> int:
     # go through logging to stderr.
     _say(sys.stdout, f"socket: {supervisor.socket_path}")
     _say(sys.stdout, f"dsn: {supervisor._safe_dsn()}")
-    _say(sys.stdout, f"ready (pid {os.getpid()}, {options.ingests} ingest(s), "
-                     f"window {options.time_window_ms:g} ms, max batch {options.max_batch_size})")
+    _say(
+        sys.stdout,
+        f"ready (pid {os.getpid()}, {options.ingests} ingest(s), "
+        f"window {options.time_window_ms:g} ms, max batch {options.max_batch_size})",
+    )
     return supervisor.run()
 
 

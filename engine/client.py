@@ -23,7 +23,8 @@ import socket
 import struct
 import time
 import uuid
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import msgspec
 
@@ -69,10 +70,10 @@ class _Codec:
         pos = 0
         if self.framing == "msgpack":
             while len(buf) - pos >= 4:
-                n, = _LENGTH.unpack_from(buf, pos)
+                (n,) = _LENGTH.unpack_from(buf, pos)
                 if len(buf) - pos - 4 < n:
                     break
-                out.append(self._unpack.decode(memoryview(buf)[pos + 4:pos + 4 + n]))
+                out.append(self._unpack.decode(memoryview(buf)[pos + 4 : pos + 4 + n]))
                 pos += 4 + n
         else:
             while True:
@@ -99,8 +100,16 @@ class _Seqs:
 class Client:
     """Blocking client. Not thread-safe: use one per thread."""
 
-    def __init__(self, path: str | os.PathLike, *, client_id: str | None = None, framing: str = "msgpack",
-                 first_seq: int | None = None, timeout: float = 30.0, retry_busy: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        client_id: str | None = None,
+        framing: str = "msgpack",
+        first_seq: int | None = None,
+        timeout: float = 30.0,
+        retry_busy: bool = True,
+    ) -> None:
         self.path = os.fspath(path)
         self.client_id = client_id or _new_client_id()
         self.timeout = timeout
@@ -112,13 +121,13 @@ class Client:
         self._replies: dict[tuple[str, int], Reply] = {}
         self.reconnects = 0
 
-    def intent(self, entity: str, kind: str, args: dict | None = None, *, seq: int | None = None,
-               client_id: str | None = None) -> Intent:
+    def intent(
+        self, entity: str, kind: str, args: dict | None = None, *, seq: int | None = None, client_id: str | None = None
+    ) -> Intent:
         """Build an intent with this client's id and the next seq."""
-        return Intent(client_id or self.client_id, next(self._seqs) if seq is None else seq, entity, kind,
-                      args or {})
+        return Intent(client_id or self.client_id, next(self._seqs) if seq is None else seq, entity, kind, args or {})
 
-    def connect(self) -> "Client":
+    def connect(self) -> Client:
         deadline = time.monotonic() + RECONNECT_GIVE_UP_S
         delay = RECONNECT_INITIAL_S
         while True:
@@ -141,7 +150,7 @@ class Client:
             self._sock.close()
             self._sock = None
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self.connect() if self._sock is None else self
 
     def __exit__(self, *exc: object) -> None:
@@ -206,7 +215,7 @@ class Client:
                 self._reconnect()
             try:
                 data = self._sock.recv(1 << 16)
-            except socket.timeout:
+            except TimeoutError:
                 raise ClientError(f"no reply from {self.path} within {self.timeout}s") from None
             except OSError:
                 data = b""
@@ -227,8 +236,15 @@ class Client:
 class AsyncClient:
     """asyncio client: ``await client.submit(intent)`` from many tasks at once."""
 
-    def __init__(self, path: str | os.PathLike, *, client_id: str | None = None, framing: str = "msgpack",
-                 first_seq: int | None = None, retry_busy: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        client_id: str | None = None,
+        framing: str = "msgpack",
+        first_seq: int | None = None,
+        retry_busy: bool = True,
+    ) -> None:
         self.path = os.fspath(path)
         self.client_id = client_id or _new_client_id()
         self.retry_busy = retry_busy
@@ -244,7 +260,7 @@ class AsyncClient:
     def intent(self, entity: str, kind: str, args: dict | None = None, *, seq: int | None = None) -> Intent:
         return Intent(self.client_id, next(self._seqs) if seq is None else seq, entity, kind, args or {})
 
-    async def connect(self) -> "AsyncClient":
+    async def connect(self) -> AsyncClient:
         await self._open()
         self._reader_task = asyncio.create_task(self._read_loop())
         return self
@@ -336,14 +352,14 @@ class AsyncClient:
             self._reader_task.cancel()
             try:
                 await self._reader_task
-            except (asyncio.CancelledError, Exception):
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - the reader's failure was already surfaced
                 pass
         for _, future in self._waiting.values():
             if not future.done():
                 future.set_exception(ClientError("client closed"))
         self._waiting.clear()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return await self.connect()
 
     async def __aexit__(self, *exc: Any) -> None:

@@ -28,7 +28,8 @@ from engine import policy
 from engine.intent import DEAD_LETTERED, Outcome, clip_reason
 from engine.options import Options
 from engine.pipeline import Pipeline
-from ipc.control import Config, Control, Flusher as F
+from ipc.control import Config, Control
+from ipc.control import Flusher as F
 from ipc.ring import Run
 from ipc.wakeup import Wakeup
 from persistence.writer import BatchWriter, WriteResult, is_connection_error
@@ -44,7 +45,7 @@ IDLE_WAIT_S = 0.5
 class _Pending:
     """Records scanned from one ring but not yet cut."""
 
-    __slots__ = ("positions", "recv_ns", "payloads", "end")
+    __slots__ = ("end", "payloads", "positions", "recv_ns")
 
     def __init__(self, start: int) -> None:
         self.positions: list[int] = []
@@ -70,12 +71,24 @@ class _Pending:
 class _Job:
     """One cut batch on its way to the database."""
 
-    __slots__ = ("takes", "skip", "parts", "batch", "text", "reason", "first_ns", "first_wall", "cut_wall",
-                 "planner", "plan", "fast")
+    __slots__ = (
+        "batch",
+        "cut_wall",
+        "fast",
+        "first_ns",
+        "first_wall",
+        "parts",
+        "plan",
+        "planner",
+        "reason",
+        "skip",
+        "takes",
+        "text",
+    )
 
     def __init__(self, takes, skip, parts, batch: bytes, reason: str, first_ns: int) -> None:
-        self.takes = takes            # [(ring index, count)] in batch order
-        self.skip = skip              # records of each ring an earlier in-flight batch took
+        self.takes = takes  # [(ring index, count)] in batch order
+        self.skip = skip  # records of each ring an earlier in-flight batch took
         self.parts = parts
         self.batch = batch
         self.text = batch.decode()
@@ -89,8 +102,15 @@ class _Job:
 
 
 class FlusherProcess:
-    def __init__(self, control: Control, data_wake: Wakeup, ingest_wakes: list[Wakeup],
-                 dsn: str, options: Options, pipeline: Pipeline | None) -> None:
+    def __init__(
+        self,
+        control: Control,
+        data_wake: Wakeup,
+        ingest_wakes: list[Wakeup],
+        dsn: str,
+        options: Options,
+        pipeline: Pipeline | None,
+    ) -> None:
         self.control = control
         self.rings = control.intent_rings
         self.outcome_rings = control.outcome_rings
@@ -106,13 +126,19 @@ class FlusherProcess:
         self.config_epoch = -1
         self.window_ns = int(options.time_window_ms * 1e6)
         self.adaptive = policy.AdaptiveLimit(
-            initial=options.max_batch_size, minimum=options.min_batch_size, maximum=options.max_batch_size,
-            factor=options.adjustment_factor, error_rate_threshold=options.error_rate_threshold,
-            latency_threshold_s=options.latency_threshold_ms / 1000, enabled=options.adaptive_batching)
+            initial=options.max_batch_size,
+            minimum=options.min_batch_size,
+            maximum=options.max_batch_size,
+            factor=options.adjustment_factor,
+            error_rate_threshold=options.error_rate_threshold,
+            latency_threshold_s=options.latency_threshold_ms / 1000,
+            enabled=options.adaptive_batching,
+        )
         self.breaker = policy.CircuitBreaker(
             failure_threshold=options.breaker_failure_threshold,
             recovery_timeout_s=options.breaker_recovery_timeout_s,
-            test_count=options.breaker_half_open_test_count)
+            test_count=options.breaker_half_open_test_count,
+        )
         self.reconnect = policy.Backoff(initial=0.05, maximum=2.0)
         self.retry_at = 0.0  # monotonic time before which no write is attempted
         self.conn: psycopg.Connection | None = None
@@ -136,8 +162,9 @@ class FlusherProcess:
             return
         self.config_epoch = epoch
         self.window_ns = cfg.get(Config.WINDOW_US) * 1000
-        self.adaptive.reconfigure(maximum=cfg.get(Config.MAX_BATCH), minimum=cfg.get(Config.MIN_BATCH),
-                                  enabled=bool(cfg.get(Config.ADAPTIVE)))
+        self.adaptive.reconfigure(
+            maximum=cfg.get(Config.MAX_BATCH), minimum=cfg.get(Config.MIN_BATCH), enabled=bool(cfg.get(Config.ADAPTIVE))
+        )
         self.counters.set(F.BATCH_LIMIT, self.adaptive.limit)
 
     # --------------------------------------------------------------------- loop
@@ -166,21 +193,26 @@ class FlusherProcess:
                 # down: sleep on the clock, not on the eventfd.
                 time.sleep(min(backoff_left, IDLE_WAIT_S))
                 if self.stopping and self.conn is None:
-                    log.error("stopping with %d intents unflushed (database unavailable); they were "
-                              "not acknowledged, so clients resend them", total)
+                    log.error(
+                        "stopping with %d intents unflushed (database unavailable); they were "
+                        "not acknowledged, so clients resend them",
+                        total,
+                    )
                     return
                 continue
             if not self.breaker.allow():
                 self.counters.set(F.BREAKER, self.breaker.state)
                 self.data_wake.wait(min(self.breaker.retry_in(), IDLE_WAIT_S))
                 if self.stopping and self.breaker.state == policy.OPEN:
-                    log.error("stopping with %d intents unflushed (database unavailable); "
-                              "they stay in the rings for the next start's resend", total)
+                    log.error(
+                        "stopping with %d intents unflushed (database unavailable); "
+                        "they stay in the rings for the next start's resend",
+                        total,
+                    )
                     return
                 continue
             oldest = min(p.recv_ns[0] for p in self.pending if p.positions)
-            reason, wait_ns = policy.decide_cut(total, limit, oldest, self.window_ns,
-                                                time.monotonic_ns(), draining)
+            reason, wait_ns = policy.decide_cut(total, limit, oldest, self.window_ns, time.monotonic_ns(), draining)
             if reason is None:
                 self.data_wake.wait(wait_ns / _NS)
                 continue
@@ -216,7 +248,7 @@ class FlusherProcess:
                         result = future.result()
                     else:  # nothing to overlap: skip the thread hand-off
                         result = self._write_fast(job)
-                except Exception as exc:  # handled below, on this thread
+                except Exception as exc:  # noqa: BLE001 - handled below, on this thread
                     result = exc
                 if not isinstance(result, WriteResult):
                     # Declined (None) or failed: the cache may hold planned but
@@ -233,12 +265,12 @@ class FlusherProcess:
             self._acknowledge(job, result)
             job = nxt
 
-    def _beyond(self, job: "_Job") -> int:
+    def _beyond(self, job: _Job) -> int:
         """Records pending after those ``job`` took."""
         taken = dict(job.takes)
         return sum(len(p.positions) - taken.get(i, 0) for i, p in enumerate(self.pending))
 
-    def _cut(self, reason: str, limit: int, after: "_Job | None") -> "_Job | None":
+    def _cut(self, reason: str, limit: int, after: _Job | None) -> _Job | None:
         """Take up to ``limit`` records (skipping those ``after`` took), in
         the ring rotation of the batch they will be, and plan them."""
         batch_no = self.batch_no + (1 if after is not None else 0)
@@ -260,7 +292,7 @@ class FlusherProcess:
         first_ns = None
         for i, k in takes:
             pend, off = self.pending[i], skip.get(i, 0)
-            parts += pend.payloads[off:off + k]
+            parts += pend.payloads[off : off + k]
             first_ns = pend.recv_ns[off] if first_ns is None else min(first_ns, pend.recv_ns[off])
         job = _Job(takes, skip, parts, b"[" + b",".join(parts) + b"]", reason, first_ns)
         if self.pipeline is not None:
@@ -271,12 +303,13 @@ class FlusherProcess:
             job.fast = True
         return job
 
-    def _write_fast(self, job: "_Job") -> WriteResult | None:
+    def _write_fast(self, job: _Job) -> WriteResult | None:
         """Runs on the writer thread: the one-round-trip write, nothing else."""
-        return self._writer().write_fast(job.text, len(job.parts), job.reason, job.first_wall, job.cut_wall,
-                                         job.planner, job.plan, invalidate=False)
+        return self._writer().write_fast(
+            job.text, len(job.parts), job.reason, job.first_wall, job.cut_wall, job.planner, job.plan, invalidate=False
+        )
 
-    def _write_slow(self, job: "_Job", previous: BaseException | None) -> WriteResult | None:
+    def _write_slow(self, job: _Job, previous: BaseException | None) -> WriteResult | None:
         """The reading path -- unless the fast path already failed with
         ``previous`` -- then per-intent isolation on a data error. None after
         a database failure (counted; the breaker decides what next)."""
@@ -284,9 +317,10 @@ class FlusherProcess:
             if previous is None:
                 planner = self.pipeline.planner(job.batch) if self.pipeline is not None else None
                 try:
-                    return self._writer().write(job.text, len(job.parts), job.reason, job.first_wall,
-                                                job.cut_wall, planner)
-                except Exception as exc:
+                    return self._writer().write(
+                        job.text, len(job.parts), job.reason, job.first_wall, job.cut_wall, planner
+                    )
+                except Exception as exc:  # noqa: BLE001 - a planner/handler bug or data error: isolate below
                     previous = exc
             if isinstance(previous, psycopg.Error) and is_connection_error(previous):
                 raise previous
@@ -297,20 +331,24 @@ class FlusherProcess:
             self._db_failed(exc)
             return None
 
-    def _isolate(self, job: "_Job", cause: BaseException) -> WriteResult:
+    def _isolate(self, job: _Job, cause: BaseException) -> WriteResult:
         """The batch failed on its data (or a handler): redo it intent by
         intent so only the culprits are dead-lettered."""
         writer = self._writer()
         if self.conn is not None and not self.conn.closed and self.conn.info.transaction_status:
             self.conn.rollback()
         self.counters.add(F.FALLBACKS, 1)
-        log.warning("batch of %d failed on its data (%s); retrying intent by intent", len(job.parts),
-                    str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__)
+        log.warning(
+            "batch of %d failed on its data (%s); retrying intent by intent",
+            len(job.parts),
+            str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__,
+        )
         planner = self.pipeline.planner(job.batch) if self.pipeline is not None else None
-        return writer.write_isolated(job.text, [bytes(p).decode() for p in job.parts], job.reason,
-                                     job.first_wall, job.cut_wall, planner)
+        return writer.write_isolated(
+            job.text, [bytes(p).decode() for p in job.parts], job.reason, job.first_wall, job.cut_wall, planner
+        )
 
-    def _acknowledge(self, job: "_Job", result: WriteResult) -> None:
+    def _acknowledge(self, job: _Job, result: WriteResult) -> None:
         """Durable: tell the ingests, outcomes before cursors."""
         latency_s = (time.monotonic_ns() - job.first_ns) / _NS
         ord_base = 0
@@ -326,8 +364,7 @@ class FlusherProcess:
 
     def _writer(self) -> BatchWriter:
         if self.conn is None or self.conn.closed:
-            self.conn = psycopg.connect(self.dsn, connect_timeout=5,
-                                        application_name="batchscheduler flusher")
+            self.conn = psycopg.connect(self.dsn, connect_timeout=5, application_name="batchscheduler flusher")
             self.writer = BatchWriter(self.conn, notify=self.options.notify_batches)
             self.reconnect.reset()
         assert self.writer is not None
@@ -348,12 +385,15 @@ class FlusherProcess:
             self.conn = None
         delay = self.reconnect.next_delay()
         self.retry_at = time.monotonic() + delay
-        log.error("database write failed (%s: %s); breaker %s, retrying in %.2fs",
-                  type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "",
-                  policy.STATE_NAMES[self.breaker.state], delay)
+        log.error(
+            "database write failed (%s: %s); breaker %s, retrying in %.2fs",
+            type(exc).__name__,
+            str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+            policy.STATE_NAMES[self.breaker.state],
+            delay,
+        )
 
-    def _publish_outcomes(self, ring_index: int, positions: list[int], ord_base: int,
-                          result: WriteResult) -> None:
+    def _publish_outcomes(self, ring_index: int, positions: list[int], ord_base: int, result: WriteResult) -> None:
         if not result.outcomes:
             return
         ring = self.outcome_rings[ring_index]
@@ -397,8 +437,12 @@ class FlusherProcess:
         self.breaker.success()
         c.set(F.BREAKER, self.breaker.state)
         c.set(F.CONSECUTIVE_FAILURES, 0)
-        c.set(F.BATCH_LIMIT, self.adaptive.observe(failed_fraction=dead / size, latency_s=latency_s,
-                                                   size_triggered=reason == policy.SIZE))
+        c.set(
+            F.BATCH_LIMIT,
+            self.adaptive.observe(
+                failed_fraction=dead / size, latency_s=latency_s, size_triggered=reason == policy.SIZE
+            ),
+        )
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

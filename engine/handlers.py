@@ -30,7 +30,8 @@ Users add kinds with ``--handlers package.module:REGISTRY`` where
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 from engine.errors import ConfigError, HandlerError
 
@@ -78,7 +79,7 @@ class Registry(Mapping[str, Handler]):
     def __len__(self) -> int:
         return len(self._handlers)
 
-    def extend(self, more: Mapping[str, Handler]) -> "Registry":
+    def extend(self, more: Mapping[str, Handler]) -> Registry:
         return Registry({**self._handlers, **more})
 
     def kinds(self) -> frozenset[str]:
@@ -146,8 +147,10 @@ def drop(intent) -> list:
     return [Op(intent.entity, "inv", "remove", _str_arg(intent.args, "item", max_length=64))]
 
 
-BUILTIN = Registry({"spawn": spawn, "move": move, "say": say, "damage": damage, "heal": heal,
-                    "pick_up": pick_up, "drop": drop}, trusted=True)
+BUILTIN = Registry(
+    {"spawn": spawn, "move": move, "say": say, "damage": damage, "heal": heal, "pick_up": pick_up, "drop": drop},
+    trusted=True,
+)
 
 
 def load(spec: str) -> Registry:

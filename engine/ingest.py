@@ -25,11 +25,14 @@ from typing import Any
 
 import msgspec
 
-from engine import intent as im, metrics
+from engine import intent as im
+from engine import metrics
 from engine.intent import DecodedRecord, Intent, Outcome, Probe, Reply, Request
 from engine.options import Options
 from ipc import wire
-from ipc.control import Control, Flusher as F, Ingest as I
+from ipc.control import Control
+from ipc.control import Flusher as F
+from ipc.control import Ingest as I
 from ipc.layout import record_size
 from ipc.wakeup import Wakeup
 
@@ -48,7 +51,7 @@ WRITE_HIGH_WATER = 1 << 20
 class Connection(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, ingest: "IngestProcess") -> None:
+    def __init__(self, ingest: IngestProcess) -> None:
         self.ingest = ingest
         self.reader = wire.FrameReader(ingest.options.max_frame_bytes)
         self.transport: asyncio.Transport | None = None
@@ -130,8 +133,16 @@ class Connection(asyncio.Protocol):
 
 
 class IngestProcess:
-    def __init__(self, index: int, control: Control, listener: socket.socket, data_wake: Wakeup,
-                 commit_wake: Wakeup, options: Options, kinds: frozenset[str]) -> None:
+    def __init__(
+        self,
+        index: int,
+        control: Control,
+        listener: socket.socket,
+        data_wake: Wakeup,
+        commit_wake: Wakeup,
+        options: Options,
+        kinds: frozenset[str],
+    ) -> None:
         self.index = index
         self.control = control
         self.ring = control.intent_rings[index]
@@ -165,8 +176,7 @@ class IngestProcess:
         loop.add_signal_handler(signal.SIGTERM, self.begin_drain)
         loop.add_signal_handler(signal.SIGINT, self.begin_drain)
         loop.add_reader(self.commit_wake.fd, self.on_commit)
-        self._server = await loop.create_unix_server(lambda: Connection(self), sock=self.listener,
-                                                     backlog=1024)
+        self._server = await loop.create_unix_server(lambda: Connection(self), sock=self.listener, backlog=1024)
         # Outcomes left by a predecessor belong to connections that are gone.
         self.on_commit()
         self.counters.set(I.READY_NS, time.time_ns())
@@ -178,8 +188,12 @@ class IngestProcess:
         if self.draining:
             return
         self.draining = True
-        log.info("ingest %d draining: %d awaiting commit, %d connections",
-                 self.index, len(self.waiting), len(self.connections))
+        log.info(
+            "ingest %d draining: %d awaiting commit, %d connections",
+            self.index,
+            len(self.waiting),
+            len(self.connections),
+        )
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
@@ -199,21 +213,33 @@ class IngestProcess:
         for conn in list(self.blocked):
             while conn.backlog:
                 _, _, client_id, seq = conn.backlog.popleft()
-                conn.send(self.encode_reply(conn, Reply(client_id, seq, im.BUSY, "shutting_down",
-                                                        "engine stopped before this intent was stored; resend")))
+                conn.send(
+                    self.encode_reply(
+                        conn,
+                        Reply(
+                            client_id,
+                            seq,
+                            im.BUSY,
+                            "shutting_down",
+                            "engine stopped before this intent was stored; resend",
+                        ),
+                    )
+                )
             conn.flush()
         self.blocked.clear()
         if self.waiting:
-            log.warning("ingest %d: %d intents still awaiting commit at drain deadline", self.index,
-                        len(self.waiting))
+            log.warning("ingest %d: %d intents still awaiting commit at drain deadline", self.index, len(self.waiting))
         for conn in list(self.connections):
             conn.close()
         self._stop.set()
 
     def connection_opened(self, conn: Connection) -> None:
         if self.draining or len(self.connections) >= self.options.max_connections:
-            why = "engine is shutting down" if self.draining else \
-                f"too many connections (max_connections={self.options.max_connections})"
+            why = (
+                "engine is shutting down"
+                if self.draining
+                else f"too many connections (max_connections={self.options.max_connections})"
+            )
             conn.transport.write(self._json.encode(Reply(None, None, im.REJECTED, "unavailable", why)) + b"\n")
             conn.transport.close()
             conn.closed = True
@@ -259,15 +285,25 @@ class IngestProcess:
                 continue
             if intent.kind not in kinds:
                 rejected += 1
-                conn.send(self.encode_reply(conn, Reply(
-                    intent.client_id, intent.seq, im.REJECTED, "unknown_kind",
-                    f"unknown kind {intent.kind!r}; known kinds: {', '.join(sorted(kinds))}")))
+                conn.send(
+                    self.encode_reply(
+                        conn,
+                        Reply(
+                            intent.client_id,
+                            intent.seq,
+                            im.REJECTED,
+                            "unknown_kind",
+                            f"unknown kind {intent.kind!r}; known kinds: {', '.join(sorted(kinds))}",
+                        ),
+                    )
+                )
                 continue
             try:
                 # One encode for the whole record; the checks then scan its
                 # bytes (C speed) and only walk the value when they must.
-                payload = encode_record(DecodedRecord(intent.client_id, intent.seq, intent.entity, intent.kind,
-                                                      intent.args, recv_us))
+                payload = encode_record(
+                    DecodedRecord(intent.client_id, intent.seq, intent.entity, intent.kind, intent.args, recv_us)
+                )
                 bad = im.record_problem(intent, payload)
             except (msgspec.EncodeError, TypeError, ValueError, RecursionError, OverflowError) as exc:
                 # msgpack can carry what JSON cannot: ext types, non-string
@@ -275,15 +311,27 @@ class IngestProcess:
                 bad = f"args cannot be stored as JSON ({type(exc).__name__}: {exc})"
             if bad:
                 rejected += 1
-                conn.send(self.encode_reply(conn, Reply(intent.client_id, intent.seq, im.REJECTED, "invalid",
-                                                        im.clip_reason(bad))))
+                conn.send(
+                    self.encode_reply(
+                        conn, Reply(intent.client_id, intent.seq, im.REJECTED, "invalid", im.clip_reason(bad))
+                    )
+                )
                 continue
             if busy or self.draining:
-                conn.send(self.encode_reply(conn, Reply(
-                    intent.client_id, intent.seq, im.BUSY,
-                    "shutting_down" if self.draining else "database_unavailable",
-                    "engine is shutting down; resend later" if self.draining else
-                    "database unavailable (circuit breaker open); nothing stored, resend later")))
+                conn.send(
+                    self.encode_reply(
+                        conn,
+                        Reply(
+                            intent.client_id,
+                            intent.seq,
+                            im.BUSY,
+                            "shutting_down" if self.draining else "database_unavailable",
+                            "engine is shutting down; resend later"
+                            if self.draining
+                            else "database unavailable (circuit breaker open); nothing stored, resend later",
+                        ),
+                    )
+                )
                 continue
             backlog.append((payload, recv_ns, intent.client_id, intent.seq))
             accepted += 1
@@ -405,8 +453,11 @@ class IngestProcess:
             if conn.closed:
                 continue
             out = exceptions.get(position)
-            reply = Reply(client_id, seq, im.COMMITTED) if out is None else Reply(
-                client_id, seq, out.status, out.code or None, out.reason or None, out.duplicate)
+            reply = (
+                Reply(client_id, seq, im.COMMITTED)
+                if out is None
+                else Reply(client_id, seq, out.status, out.code or None, out.reason or None, out.duplicate)
+            )
             if conn.reader.mode == wire.MODE_MSGPACK:
                 conn.out.append(wire.frame_msgpack(encode_pack(reply)))
             else:
@@ -464,8 +515,9 @@ class IngestProcess:
             "current_batch_size": f.get(F.BATCH_LIMIT),
             "error_rate": round(f.get(F.DEAD_LETTERED) / max(1, f.get(F.INTENTS)), 6),
             "average_latency_ms": round(f.get(F.LATENCY_EWMA_US) / 1000, 3),
-            "last_successful_flush": None if not last else time.strftime(
-                "%Y-%m-%dT%H:%M:%S", time.gmtime(last / 1e9)) + f".{last % 1_000_000_000 // 1000:06d}Z",
+            "last_successful_flush": None
+            if not last
+            else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(last / 1e9)) + f".{last % 1_000_000_000 // 1000:06d}Z",
             "breaker": ("closed", "open", "half_open")[breaker],
             "draining": self.draining,
         }
@@ -474,7 +526,14 @@ class IngestProcess:
         return metrics.snapshot(self.control)
 
 
-def run(index: int, control: Control, listener: socket.socket, data_wake: Wakeup, commit_wake: Wakeup,
-        options: Options, kinds: frozenset[str]) -> None:
+def run(
+    index: int,
+    control: Control,
+    listener: socket.socket,
+    data_wake: Wakeup,
+    commit_wake: Wakeup,
+    options: Options,
+    kinds: frozenset[str],
+) -> None:
     ingest = IngestProcess(index, control, listener, data_wake, commit_wake, options, kinds)
     asyncio.run(ingest.serve())

@@ -137,8 +137,7 @@ def record_problem(intent: Intent, record_json: bytes) -> str | None:
                 return f"{name} holds a NUL character, which PostgreSQL text cannot store"
         if _holds_nul(intent.args):
             return "args holds a NUL character, which PostgreSQL jsonb cannot store"
-    if record_json.count(b"{") + record_json.count(b"[") > MAX_ARGS_DEPTH + 1 \
-            and _depth(intent.args) > MAX_ARGS_DEPTH:
+    if record_json.count(b"{") + record_json.count(b"[") > MAX_ARGS_DEPTH + 1 and _depth(intent.args) > MAX_ARGS_DEPTH:
         return f"args nested deeper than {MAX_ARGS_DEPTH} levels"
     return None
 

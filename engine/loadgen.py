@@ -56,14 +56,14 @@ def make_args(kind: str, rng: random.Random) -> dict:
 class Plan:
     socket: str
     connections: int = 8
-    rate: float | None = None          # total intents/s (open loop); None = closed loop
-    in_flight: int = 256               # closed loop: per connection
+    rate: float | None = None  # total intents/s (open loop); None = closed loop
+    in_flight: int = 256  # closed loop: per connection
     duration: float = 10.0
-    count: int | None = None           # total intents (overrides duration when set)
+    count: int | None = None  # total intents (overrides duration when set)
     entities: int = 10_000
     mix: tuple = MIX
     seed: int = 1
-    grace: float = 30.0                # wait this long for the last replies
+    grace: float = 30.0  # wait this long for the last replies
 
 
 def _client(index: int, plan: Plan, start_at: float, out) -> None:
@@ -140,7 +140,7 @@ def _client(index: int, plan: Plan, start_at: float, out) -> None:
             timeout = 0.2
         else:
             timeout = max(0.0, next_at - time.monotonic())
-        for key, events in sel.select(timeout):
+        for _key, events in sel.select(timeout):
             if not events & selectors.EVENT_READ:
                 continue
             try:
@@ -155,10 +155,10 @@ def _client(index: int, plan: Plan, start_at: float, out) -> None:
             pos = 0
             recv_now = time.monotonic()
             while len(buf) - pos >= 4:
-                n, = _LENGTH.unpack_from(buf, pos)
+                (n,) = _LENGTH.unpack_from(buf, pos)
                 if len(buf) - pos - 4 < n:
                     break
-                reply = dec.decode(memoryview(buf)[pos + 4:pos + 4 + n])
+                reply = dec.decode(memoryview(buf)[pos + 4 : pos + 4 + n])
                 pos += 4 + n
                 start = sent_at.pop(reply.seq, None)
                 if start is not None:
@@ -166,9 +166,15 @@ def _client(index: int, plan: Plan, start_at: float, out) -> None:
                     statuses[reply.status] = statuses.get(reply.status, 0) + 1
             del buf[:pos]
     sock.close()
-    out.send({"sent": seq, "lost": len(sent_at), "statuses": statuses,
-              "latencies": np.asarray(latencies, dtype=np.float64).tobytes(),
-              "elapsed": time.monotonic() - t0})
+    out.send(
+        {
+            "sent": seq,
+            "lost": len(sent_at),
+            "statuses": statuses,
+            "latencies": np.asarray(latencies, dtype=np.float64).tobytes(),
+            "elapsed": time.monotonic() - t0,
+        }
+    )
     out.close()
 
 
@@ -194,7 +200,7 @@ class Sampler(threading.Thread):
                 name = proc.info["name"] or ""
             except psutil.Error:
                 continue
-            if title.startswith("batchscheduler:") or name == "postgres" or title.startswith("postgres"):
+            if title.startswith(("batchscheduler:", "postgres")) or name == "postgres":
                 found.append(proc)
         return found
 
@@ -245,11 +251,13 @@ class Sampler(threading.Thread):
 def spawn_entities(socket_path: str, entities: int) -> None:
     """Create the entities the mix acts on (not measured)."""
     from engine.client import Client
+
     with Client(socket_path, client_id=f"setup-{os.getpid()}", first_seq=1, timeout=120) as client:
-        intents = [client.intent(f"mob-{i}", "spawn", {"state": {"hp": 100, "pos": {"x": 0, "y": 0}}})
-                   for i in range(entities)]
+        intents = [
+            client.intent(f"mob-{i}", "spawn", {"state": {"hp": 100, "pos": {"x": 0, "y": 0}}}) for i in range(entities)
+        ]
         for start in range(0, len(intents), 4096):
-            replies = client.submit_many(intents[start:start + 4096], window=4096)
+            replies = client.submit_many(intents[start : start + 4096], window=4096)
             bad = [r for r in replies if r.status not in ("committed", "dead_lettered")]
             if bad:
                 raise RuntimeError(f"setup failed: {bad[0]}")
@@ -278,8 +286,7 @@ def run(plan: Plan, *, progress=None) -> dict:
     for proc in procs:
         proc.join(10)
     wall1 = time.time()
-    lat = np.concatenate([np.frombuffer(r["latencies"], dtype=np.float64) for r in results]) \
-        if results else np.zeros(0)
+    lat = np.concatenate([np.frombuffer(r["latencies"], dtype=np.float64) for r in results]) if results else np.zeros(0)
     statuses: dict[str, int] = {}
     for r in results:
         for k, v in r["statuses"].items():
@@ -288,13 +295,22 @@ def run(plan: Plan, *, progress=None) -> dict:
     replied = int(lat.size)
     pct = (lambda q: float(np.percentile(lat, q) * 1000)) if lat.size else (lambda q: float("nan"))
     return {
-        "sent": sum(r["sent"] for r in results), "replied": replied,
-        "committed": statuses.get("committed", 0), "dead_lettered": statuses.get("dead_lettered", 0),
-        "rejected": statuses.get("rejected", 0), "busy": statuses.get("busy", 0),
+        "sent": sum(r["sent"] for r in results),
+        "replied": replied,
+        "committed": statuses.get("committed", 0),
+        "dead_lettered": statuses.get("dead_lettered", 0),
+        "rejected": statuses.get("rejected", 0),
+        "busy": statuses.get("busy", 0),
         "lost": sum(r["lost"] for r in results),
-        "elapsed_s": round(elapsed, 3), "throughput": round(statuses.get("committed", 0) / elapsed, 1),
-        "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "p99.9": pct(99.9),
-                       "max": float(lat.max() * 1000) if lat.size else float("nan")},
+        "elapsed_s": round(elapsed, 3),
+        "throughput": round(statuses.get("committed", 0) / elapsed, 1),
+        "latency_ms": {
+            "p50": pct(50),
+            "p90": pct(90),
+            "p99": pct(99),
+            "p99.9": pct(99.9),
+            "max": float(lat.max() * 1000) if lat.size else float("nan"),
+        },
         "window": [max(start_at, wall0), wall1],
         "latencies_ms_sample": (np.sort(lat)[:: max(1, lat.size // 2000)] * 1000).round(3).tolist(),
     }
@@ -302,22 +318,28 @@ def run(plan: Plan, *, progress=None) -> dict:
 
 def batch_stats(dsn: str, since: float, until: float) -> dict:
     import psycopg
+
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT size, cut_reason FROM batchscheduler.batches "
             "WHERE committed_at >= to_timestamp(%s) AND committed_at <= to_timestamp(%s)",
-            (since, until + 5)).fetchall()
+            (since, until + 5),
+        ).fetchall()
     if not rows:
         return {"batches": 0}
     sizes = np.array([r[0] for r in rows])
     reasons: dict[str, int] = {}
     for _, reason in rows:
         reasons[reason] = reasons.get(reason, 0) + 1
-    return {"batches": len(rows), "size_mean": round(float(sizes.mean()), 1),
-            "size_p50": int(np.percentile(sizes, 50)), "size_p99": int(np.percentile(sizes, 99)),
-            "size_max": int(sizes.max()),
-            "trigger_ratio": {k: round(v / len(rows), 4) for k, v in sorted(reasons.items())},
-            "histogram": _histogram(sizes)}
+    return {
+        "batches": len(rows),
+        "size_mean": round(float(sizes.mean()), 1),
+        "size_p50": int(np.percentile(sizes, 50)),
+        "size_p99": int(np.percentile(sizes, 99)),
+        "size_max": int(sizes.max()),
+        "trigger_ratio": {k: round(v / len(rows), 4) for k, v in sorted(reasons.items())},
+        "histogram": _histogram(sizes),
+    }
 
 
 def _histogram(sizes: np.ndarray) -> dict:
@@ -329,6 +351,7 @@ def _histogram(sizes: np.ndarray) -> dict:
 
 def _die_with_parent() -> None:
     import ctypes
+
     ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
@@ -338,14 +361,28 @@ class SpawnedEngine:
     def __init__(self, flags: list[str], dsn: str | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="bs-load-"))
         self.socket = str(self.dir / "e.sock")
-        cmd = [sys.executable, str(ROOT / "tools" / "run_engine"), "--socket", self.socket,
-               "--data-dir", str(self.dir / "var"), "--log-level", "WARNING", *flags]
+        cmd = [
+            sys.executable,
+            str(ROOT / "tools" / "run_engine"),
+            "--socket",
+            self.socket,
+            "--data-dir",
+            str(self.dir / "var"),
+            "--log-level",
+            "WARNING",
+            *flags,
+        ]
         if dsn:
             cmd += ["--dsn", dsn]
-        self.log = open(self.dir / "engine.log", "wb")
+        self.log = open(self.dir / "engine.log", "wb")  # noqa: SIM115 - held open for the engine's lifetime, closed in stop()
         # If this tool dies, the engine gets SIGTERM and drains (no orphan).
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl() call, takes no lock
+        )
         self.dsn = dsn
         for line in self.proc.stdout:
             if line.startswith("dsn: ") and not dsn:
@@ -365,5 +402,6 @@ class SpawnedEngine:
         self.proc.stdout.close()
         self.log.close()
         import shutil
+
         shutil.rmtree(self.dir, ignore_errors=True)
         return code

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import signal
 
-from ipc.control import Control, Flusher as F, Ingest as I
+from ipc.control import Control
+from ipc.control import Flusher as F
+from ipc.control import Ingest as I
 
 _FLUSHER_NAMES = {v: k.lower() for k, v in vars(F).items() if k.isupper() and k != "COUNT"}
 _INGEST_NAMES = {v: k.lower() for k, v in vars(I).items() if k.isupper() and k != "COUNT"}
@@ -36,14 +38,20 @@ def snapshot(control: Control) -> dict:
         "size_triggered": round(flusher[F.SIZE_CUTS] / cuts, 4) if cuts else 0.0,
     }
     out["ingests"] = []
-    for i, counters in enumerate(control.ingest):
+    for counters in control.ingest:
         values = counters.snapshot()
         out["ingests"].append({name: values[j] for j, name in _INGEST_NAMES.items()})
     workers = []
     for slot, counters in enumerate(control.workers):
         pid, restarts, last_exit, _ = counters.snapshot()
-        workers.append({"role": "flusher" if slot == 0 else f"ingest {slot - 1}", "pid": pid,
-                        "restarts": restarts, "last_exit": exit_name(last_exit) if restarts else None})
+        workers.append(
+            {
+                "role": "flusher" if slot == 0 else f"ingest {slot - 1}",
+                "pid": pid,
+                "restarts": restarts,
+                "last_exit": exit_name(last_exit) if restarts else None,
+            }
+        )
     out["workers"] = workers
     out["pid"] = os.getpid()
     return out

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import msgspec
 
@@ -71,16 +72,21 @@ class Options(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     in-process event bus of ``BatchScheduler`` turns this on)."""
     log_level: str = "INFO"
 
-    def replace(self, **changes: Any) -> "Options":
+    def replace(self, **changes: Any) -> Options:
         """A validated copy with ``changes`` applied."""
         return from_mapping({**to_dict(self), **changes}, source="configure()")
 
 
 # Options ``configure()`` may change while the engine runs: the flusher reads
 # them from shared memory at every cut. Anything else needs a restart.
-RUNTIME = frozenset({
-    "time_window_ms", "max_batch_size", "adaptive_batching", "min_batch_size",
-})
+RUNTIME = frozenset(
+    {
+        "time_window_ms",
+        "max_batch_size",
+        "adaptive_batching",
+        "min_batch_size",
+    }
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed's "Production Deployment Guidance", verbatim.
@@ -98,47 +104,85 @@ def _check(ok: bool, field: str, value: Any, why: str) -> None:
 
 
 def _validate(o: Options) -> None:
-    _check(0 < o.time_window_ms <= 60_000, "time_window_ms", o.time_window_ms,
-           "must be > 0 and <= 60000 (milliseconds)")
-    _check(1 <= o.max_batch_size <= 100_000, "max_batch_size", o.max_batch_size,
-           "must be between 1 and 100000")
+    _check(
+        0 < o.time_window_ms <= 60_000, "time_window_ms", o.time_window_ms, "must be > 0 and <= 60000 (milliseconds)"
+    )
+    _check(1 <= o.max_batch_size <= 100_000, "max_batch_size", o.max_batch_size, "must be between 1 and 100000")
     _check(o.min_batch_size >= 1, "min_batch_size", o.min_batch_size, "must be >= 1")
-    _check(not o.adaptive_batching or o.min_batch_size <= o.max_batch_size, "min_batch_size",
-           o.min_batch_size, f"must not exceed max_batch_size ({o.max_batch_size}) with adaptive batching")
-    _check(0 < o.adjustment_factor < 1, "adjustment_factor", o.adjustment_factor,
-           "must be between 0 and 1 (the seed suggests 0.1-0.2)")
-    _check(0 <= o.error_rate_threshold <= 1, "error_rate_threshold", o.error_rate_threshold,
-           "must be a fraction between 0 and 1")
+    _check(
+        not o.adaptive_batching or o.min_batch_size <= o.max_batch_size,
+        "min_batch_size",
+        o.min_batch_size,
+        f"must not exceed max_batch_size ({o.max_batch_size}) with adaptive batching",
+    )
+    _check(
+        0 < o.adjustment_factor < 1,
+        "adjustment_factor",
+        o.adjustment_factor,
+        "must be between 0 and 1 (the seed suggests 0.1-0.2)",
+    )
+    _check(
+        0 <= o.error_rate_threshold <= 1,
+        "error_rate_threshold",
+        o.error_rate_threshold,
+        "must be a fraction between 0 and 1",
+    )
     _check(o.latency_threshold_ms > 0, "latency_threshold_ms", o.latency_threshold_ms, "must be > 0")
-    _check(o.breaker_failure_threshold >= 1, "breaker_failure_threshold",
-           o.breaker_failure_threshold, "must be >= 1")
-    _check(o.breaker_recovery_timeout_s > 0, "breaker_recovery_timeout_s",
-           o.breaker_recovery_timeout_s, "must be > 0 seconds")
-    _check(o.breaker_half_open_test_count >= 1, "breaker_half_open_test_count",
-           o.breaker_half_open_test_count, "must be >= 1")
+    _check(o.breaker_failure_threshold >= 1, "breaker_failure_threshold", o.breaker_failure_threshold, "must be >= 1")
+    _check(
+        o.breaker_recovery_timeout_s > 0,
+        "breaker_recovery_timeout_s",
+        o.breaker_recovery_timeout_s,
+        "must be > 0 seconds",
+    )
+    _check(
+        o.breaker_half_open_test_count >= 1,
+        "breaker_half_open_test_count",
+        o.breaker_half_open_test_count,
+        "must be >= 1",
+    )
     _check(1 <= o.ingests <= 64, "ingests", o.ingests, "must be between 1 and 64")
-    _check(o.ring_bytes >= 1 << 16 and o.ring_bytes <= 1 << 30 and not o.ring_bytes & (o.ring_bytes - 1),
-           "ring_bytes", o.ring_bytes, "must be a power of two between 65536 and 1073741824")
-    _check(256 <= o.max_frame_bytes <= 16 << 20, "max_frame_bytes", o.max_frame_bytes,
-           "must be between 256 and 16777216")
-    _check(o.max_frame_bytes * 4 <= o.ring_bytes, "max_frame_bytes", o.max_frame_bytes,
-           f"must be at most a quarter of ring_bytes ({o.ring_bytes}) so a full frame always fits")
-    _check(o.max_in_flight_per_connection >= 1, "max_in_flight_per_connection",
-           o.max_in_flight_per_connection, "must be >= 1")
+    _check(
+        o.ring_bytes >= 1 << 16 and o.ring_bytes <= 1 << 30 and not o.ring_bytes & (o.ring_bytes - 1),
+        "ring_bytes",
+        o.ring_bytes,
+        "must be a power of two between 65536 and 1073741824",
+    )
+    _check(
+        256 <= o.max_frame_bytes <= 16 << 20, "max_frame_bytes", o.max_frame_bytes, "must be between 256 and 16777216"
+    )
+    _check(
+        o.max_frame_bytes * 4 <= o.ring_bytes,
+        "max_frame_bytes",
+        o.max_frame_bytes,
+        f"must be at most a quarter of ring_bytes ({o.ring_bytes}) so a full frame always fits",
+    )
+    _check(
+        o.max_in_flight_per_connection >= 1,
+        "max_in_flight_per_connection",
+        o.max_in_flight_per_connection,
+        "must be >= 1",
+    )
     _check(o.max_connections >= 1, "max_connections", o.max_connections, "must be >= 1")
-    _check(o.worker_rss_limit_mb >= 32, "worker_rss_limit_mb", o.worker_rss_limit_mb,
-           "must be >= 32 (an idle worker uses ~35-50 MiB; below that it would be recycled endlessly)")
-    _check(0 < o.drain_timeout_s <= 300, "drain_timeout_s", o.drain_timeout_s,
-           "must be > 0 and <= 300 seconds")
+    _check(
+        o.worker_rss_limit_mb >= 32,
+        "worker_rss_limit_mb",
+        o.worker_rss_limit_mb,
+        "must be >= 32 (an idle worker uses ~35-50 MiB; below that it would be recycled endlessly)",
+    )
+    _check(0 < o.drain_timeout_s <= 300, "drain_timeout_s", o.drain_timeout_s, "must be > 0 and <= 300 seconds")
     _check(bool(o.socket), "socket", o.socket, "must be a path")
-    _check(len(os.fsencode(os.path.abspath(o.socket))) < 108, "socket", o.socket,
-           "absolute path must be shorter than 108 bytes (the Unix socket limit)")
+    _check(
+        len(os.fsencode(os.path.abspath(o.socket))) < 108,
+        "socket",
+        o.socket,
+        "absolute path must be shorter than 108 bytes (the Unix socket limit)",
+    )
     _check(0 <= o.socket_mode <= 0o777, "socket_mode", o.socket_mode, "must be a file mode like 0o600")
     _check(bool(o.data_dir), "data_dir", o.data_dir, "must be a directory path")
     _check(o.dsn is None or bool(o.dsn.strip()), "dsn", o.dsn, "must be a libpq connection string")
     _check(":" in o.handlers, "handlers", o.handlers, "must look like 'package.module:attribute'")
-    _check(o.log_level.upper() in _LOG_LEVELS, "log_level", o.log_level,
-           f"must be one of {', '.join(_LOG_LEVELS)}")
+    _check(o.log_level.upper() in _LOG_LEVELS, "log_level", o.log_level, f"must be one of {', '.join(_LOG_LEVELS)}")
 
 
 FIELDS: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Options)}
@@ -194,7 +238,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "TEST_DSN":
             continue
-        field = key[len(ENV_PREFIX):].lower()
+        field = key[len(ENV_PREFIX) :].lower()
         if field == "preset":
             continue
         if field not in FIELDS:
@@ -225,9 +269,13 @@ def parse_text(field: str, raw: str, *, source: str) -> Any:
         raise ConfigError(field, raw, f"{exc} (from {source})") from None
 
 
-def resolve(*, config_file: str | None = None, preset_name: str | None = None,
-            flags: Mapping[str, Any] | None = None,
-            environ: Mapping[str, str] | None = None) -> Options:
+def resolve(
+    *,
+    config_file: str | None = None,
+    preset_name: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Options:
     """Merge defaults < preset < TOML file < environment < flags, validate once."""
     environ = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
@@ -257,7 +305,9 @@ def check_runtime(changes: Mapping[str, Any]) -> None:
         if key not in FIELDS:
             raise ConfigError(key, value, "unknown option")
         if key not in RUNTIME:
-            raise NotRuntimeConfigurable(key, value, f"needs a restart; runtime options are {', '.join(sorted(RUNTIME))}")
+            raise NotRuntimeConfigurable(
+                key, value, f"needs a restart; runtime options are {', '.join(sorted(RUNTIME))}"
+            )
 
 
 def data_path(o: Options) -> Path:
@@ -267,8 +317,7 @@ def data_path(o: Options) -> Path:
 HELP: dict[str, str] = {
     "time_window_ms": "cut a batch this many ms after its first intent arrived (seed default 10)",
     "max_batch_size": "cut a batch as soon as it holds this many intents (seed default 857)",
-    "adaptive_batching": "adjust the size limit between min_batch_size and max_batch_size from "
-                         "error rate and latency",
+    "adaptive_batching": "adjust the size limit between min_batch_size and max_batch_size from error rate and latency",
     "min_batch_size": "lower bound of the adaptive size limit (seed: 50)",
     "adjustment_factor": "fraction the adaptive limit moves per step (seed: 0.1-0.2)",
     "error_rate_threshold": "smoothed dead-letter fraction above which the limit shrinks (seed: 0.01)",

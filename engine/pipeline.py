@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import copy
 import itertools
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -155,10 +156,10 @@ def check_ops(ops: Iterable, entity: str) -> None:
 class World:
     """Working copies of entity states during one batch."""
 
-    __slots__ = ("states", "versions", "spawned", "touched")
+    __slots__ = ("spawned", "states", "touched", "versions")
 
     def __init__(self, states: dict[str, dict], versions: dict[str, int] | None = None) -> None:
-        self.states = states            # entity -> state (present entities only)
+        self.states = states  # entity -> state (present entities only)
         self.versions = versions or {}  # entity -> version before this batch
         self.spawned: set[str] = set()  # created in this batch
         self.touched: dict[str, int] = {}  # entity -> applied intents
@@ -169,7 +170,7 @@ class World:
             ops = registry[rec.kind](rec)
             if not registry.trusted:
                 check_ops(ops, rec.entity)
-        except Exception as exc:  # a handler may raise anything: isolate it
+        except Exception as exc:  # noqa: BLE001 - a handler may raise anything: isolate it
             return "handler_error", clip_reason(f"{type(exc).__name__}: {exc}")
         entity = rec.entity
         state = self.states.get(entity)
@@ -199,7 +200,7 @@ class BatchPlanner:
     the current states it read -- or, on the optimistic path, plans from the
     pipeline's entity cache with no read at all."""
 
-    def __init__(self, pipeline: "Pipeline", batch: bytes) -> None:
+    def __init__(self, pipeline: Pipeline, batch: bytes) -> None:
         self.pipeline = pipeline
         self.records: list[DecodedRecord] = pipeline.decode_batch(batch)
         self.world: World | None = None
@@ -319,8 +320,9 @@ class Pipeline:
         return out
 
 
-def apply_one_by_one(registry: Registry, records: Iterable[DecodedRecord],
-                     states: dict[str, dict] | None = None) -> tuple[dict[str, dict], list[tuple]]:
+def apply_one_by_one(
+    registry: Registry, records: Iterable[DecodedRecord], states: dict[str, dict] | None = None
+) -> tuple[dict[str, dict], list[tuple]]:
     """The reference: apply intents one at a time, in order, from ``states``.
     Returns the final states and the dead letters ``(client_id, seq, code)``."""
     world = World(copy.deepcopy(states or {}))

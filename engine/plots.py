@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 
@@ -13,6 +14,7 @@ def _pyplot():
         raise SystemExit("--plot needs matplotlib: pip install '.[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -40,21 +42,38 @@ def load_plots(results: list[dict], out_dir: str) -> list[Path]:
         if lat:
             ax.plot(lat, [i / len(lat) for i in range(len(lat))], label=r["variant"])
     ax.set_xscale("log")
-    paths.append(_save(plt, fig, ax, out / "latency_cdf.png", "Reply latency CDF", "reply latency (ms)", "fraction of intents"))
+    paths.append(
+        _save(plt, fig, ax, out / "latency_cdf.png", "Reply latency CDF", "reply latency (ms)", "fraction of intents")
+    )
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         points = [(s["t"], s.get("committed")) for s in r["samples"] if s.get("committed") is not None]
-        rates = [(t1, (c1 - c0) / (t1 - t0)) for (t0, c0), (t1, c1) in zip(points, points[1:]) if t1 > t0]
+        rates = [(t1, (c1 - c0) / (t1 - t0)) for (t0, c0), (t1, c1) in itertools.pairwise(points) if t1 > t0]
         if rates:
             ax.plot([t for t, _ in rates], [v for _, v in rates], label=r["variant"])
-    paths.append(_save(plt, fig, ax, out / "throughput.png", "Throughput over time (engine's commit counter)", "seconds", "committed intents/s"))
+    paths.append(
+        _save(
+            plt,
+            fig,
+            ax,
+            out / "throughput.png",
+            "Throughput over time (engine's commit counter)",
+            "seconds",
+            "committed intents/s",
+        )
+    )
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         roles = sorted({role for s in r["samples"] for role in s["procs"]})
         for role in roles:
-            ax.plot([s["t"] for s in r["samples"]], [s["procs"].get(role, {}).get("rss_mb", 0) for s in r["samples"]],
-                    label=f"{r['variant']}: {role}")
-    paths.append(_save(plt, fig, ax, out / "rss.png", "Resident memory over time", "seconds", "RSS (MiB)", legend_size=7))
+            ax.plot(
+                [s["t"] for s in r["samples"]],
+                [s["procs"].get(role, {}).get("rss_mb", 0) for s in r["samples"]],
+                label=f"{r['variant']}: {role}",
+            )
+    paths.append(
+        _save(plt, fig, ax, out / "rss.png", "Resident memory over time", "seconds", "RSS (MiB)", legend_size=7)
+    )
     return paths
 
 

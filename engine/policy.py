@@ -11,15 +11,16 @@ Pure objects with injectable clocks, so tests drive them without sleeping:
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 TIME = "time"
 SIZE = "size"
 DRAIN = "drain"
 
 
-def decide_cut(pending: int, limit: int, oldest_ns: int, window_ns: int, now_ns: int,
-               draining: bool) -> tuple[str | None, int]:
+def decide_cut(
+    pending: int, limit: int, oldest_ns: int, window_ns: int, now_ns: int, draining: bool
+) -> tuple[str | None, int]:
     """The dual condition. Returns ``(reason, 0)`` to cut now, or
     ``(None, wait_ns)`` with how long until the window of the oldest pending
     intent expires. The window runs from the *first* intent of the batch."""
@@ -49,8 +50,17 @@ class AdaptiveLimit:
     # second at load, so a burst of errors is noticed within a few batches.
     ALPHA = 0.05
 
-    def __init__(self, *, initial: int, minimum: int, maximum: int, factor: float,
-                 error_rate_threshold: float, latency_threshold_s: float, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        initial: int,
+        minimum: int,
+        maximum: int,
+        factor: float,
+        error_rate_threshold: float,
+        latency_threshold_s: float,
+        enabled: bool = True,
+    ) -> None:
         self.enabled = enabled
         self.minimum = max(1, min(minimum, maximum))
         self.maximum = maximum
@@ -72,8 +82,11 @@ class AdaptiveLimit:
         if not self.enabled:
             self.limit = self.maximum
             return self.limit
-        if failed_fraction >= 1.0 or self.error_rate > self.error_rate_threshold \
-                or latency_s > self.latency_threshold_s:
+        if (
+            failed_fraction >= 1.0
+            or self.error_rate > self.error_rate_threshold
+            or latency_s > self.latency_threshold_s
+        ):
             self.limit = max(self.minimum, int(self.limit * (1 - self.factor)))
         elif size_triggered:
             self.limit = min(self.maximum, max(self.limit + 1, int(self.limit * (1 + self.factor))))
@@ -93,8 +106,14 @@ class CircuitBreaker:
     one failure re-opens it.
     """
 
-    def __init__(self, *, failure_threshold: int, recovery_timeout_s: float, test_count: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        failure_threshold: int,
+        recovery_timeout_s: float,
+        test_count: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.failure_threshold = failure_threshold
         self.recovery_timeout_s = recovery_timeout_s
         self.test_count = test_count
@@ -138,8 +157,14 @@ class Backoff:
     """Exponential delay: ``initial`` doubling to ``maximum``; ``reset`` after
     a success (or after a worker stayed up ``stable_s``)."""
 
-    def __init__(self, *, initial: float = 0.1, maximum: float = 5.0, stable_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        initial: float = 0.1,
+        maximum: float = 5.0,
+        stable_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.initial = initial
         self.maximum = maximum
         self.stable_s = stable_s

@@ -36,6 +36,9 @@ FROM batchscheduler.entities l FULL OUTER JOIN {SCRATCH}.entities r ON l.id = r.
 WHERE l.id IS NULL OR r.id IS NULL OR l.state <> r.state OR l.version <> r.version
 ORDER BY 1 LIMIT %s"""
 
+# Dead-letter codes decided from the state at the time; replay must decide the same.
+_STATE_DEPENDENT = ("handler_error", "no_such_entity", "entity_exists")
+
 
 @dataclasses.dataclass
 class ReplayReport:
@@ -71,18 +74,18 @@ def replay(dsn: str, registry: Registry, *, max_diffs: int = 20, keep_scratch: b
                         report.outcome_mismatches.append((client_id, seq, status, failure[0]))
                     else:
                         report.applied += 1
-                elif code in ("handler_error", "no_such_entity", "entity_exists"):
+                elif code in _STATE_DEPENDENT and _would_apply(registry, rec, world):
                     # Decided from the state at the time: replay must decide the same.
-                    if _would_apply(registry, rec, world):
-                        report.outcome_mismatches.append((client_id, seq, status, "applies on replay"))
+                    report.outcome_mismatches.append((client_id, seq, status, "applies on replay"))
         conn.commit()
         encode = msgspec.json.Encoder().encode
         report.entities = len(world.states)
         with conn.transaction():
             conn.execute(f"DROP SCHEMA IF EXISTS {SCRATCH} CASCADE")
             conn.execute(f"CREATE SCHEMA {SCRATCH}")
-            conn.execute(f"CREATE TABLE {SCRATCH}.entities (id text PRIMARY KEY, state jsonb NOT NULL, "
-                         "version bigint NOT NULL)")
+            conn.execute(
+                f"CREATE TABLE {SCRATCH}.entities (id text PRIMARY KEY, state jsonb NOT NULL, version bigint NOT NULL)"
+            )
             with conn.cursor().copy(f"COPY {SCRATCH}.entities (id, state, version) FROM STDIN") as copy:
                 for entity, state in world.states.items():
                     copy.write_row((entity, encode(state).decode(), world.touched.get(entity, 0)))
@@ -97,5 +100,6 @@ def replay(dsn: str, registry: Registry, *, max_diffs: int = 20, keep_scratch: b
 def _would_apply(registry: Registry, rec: DecodedRecord, world: World) -> bool:
     """Would ``rec`` apply to the current replayed world? (checked on a copy)"""
     import copy
+
     trial = World({rec.entity: copy.deepcopy(world.states[rec.entity])} if rec.entity in world.states else {})
     return trial.apply(registry, rec) is None

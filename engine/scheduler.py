@@ -25,7 +25,8 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import psycopg
@@ -80,8 +81,14 @@ BATCH_ROW = "SELECT size, cut_reason FROM batchscheduler.batches WHERE id = %s"
 
 
 class BatchScheduler:
-    def __init__(self, options: opts.Options | None = None, *, event_bus: EventBus | None = None,
-                 log: logging.Logger | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        options: opts.Options | None = None,
+        *,
+        event_bus: EventBus | None = None,
+        log: logging.Logger | None = None,
+        **overrides: Any,
+    ) -> None:
         base = opts.to_dict(options) if options is not None else {}
         base.update(overrides)
         if event_bus is not None:
@@ -110,7 +117,7 @@ class BatchScheduler:
             # forked them, and the caller's thread may end before the engine.
             try:
                 supervisor.start()
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 failure.append(exc)
                 started.set()
                 return
@@ -175,7 +182,7 @@ class BatchScheduler:
     def metrics(self) -> dict:
         return self._require().snapshot()
 
-    def __enter__(self) -> "BatchScheduler":
+    def __enter__(self) -> BatchScheduler:
         self.start()
         return self
 
@@ -222,6 +229,7 @@ class BatchScheduler:
                     head = conn.execute(BATCH_ROW, (batch_id,)).fetchone()
                     rows = conn.execute(BATCH_INTENTS, (batch_id,)).fetchall()
                     intents = [Intent(c, s, e, k, decode_args(a)) for c, s, e, k, a in rows]
-                    self.event_bus.emit(SystemEvent.INTENT_BATCH,
-                                        Batch(batch_id, head[0] if head else len(intents),
-                                              head[1] if head else "?", intents))
+                    self.event_bus.emit(
+                        SystemEvent.INTENT_BATCH,
+                        Batch(batch_id, head[0] if head else len(intents), head[1] if head else "?", intents),
+                    )

@@ -37,13 +37,15 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from engine import handlers, options as opts
+from engine import handlers
+from engine import options as opts
 from engine.errors import StartupError
 from engine.metrics import exit_name
 from engine.options import Options
 from engine.policy import Backoff
 from engine.worker import WORKER_SPEC_ENV, WorkerSpec, title
-from ipc.control import Config, Control, SegmentMap, Worker as W
+from ipc.control import Config, Control, SegmentMap
+from ipc.control import Worker as W
 from ipc.shm import Segment
 from ipc.wakeup import Wakeup
 from persistence import migrations
@@ -147,15 +149,18 @@ class Supervisor:
     def _wait_ready(self, timeout: float = 60.0) -> None:
         """Return once every worker reported ready; a worker that exits first
         is a StartupError naming it and its exit code."""
-        from ipc.control import Flusher as F, Ingest as I
+        from ipc.control import Flusher as F
+        from ipc.control import Ingest as I
+
         deadline = time.monotonic() + timeout
         delay = 0.005
         while True:
             for handle in self.workers:
                 code = handle.proc.poll()
                 if code is not None:
-                    raise StartupError(f"{handle.name} exited with {exit_name(code)} during start "
-                                       "(its log lines above say why)")
+                    raise StartupError(
+                        f"{handle.name} exited with {exit_name(code)} during start (its log lines above say why)"
+                    )
             flusher_ready = self.control.flusher.get(F.READY_NS) > 0
             if flusher_ready and all(c.get(I.READY_NS) > 0 for c in self.control.ingest):
                 return
@@ -194,7 +199,7 @@ class Supervisor:
 
     def _write_config(self, o: Options) -> None:
         cfg = self.control.config
-        cfg.set(Config.WINDOW_US, int(round(o.time_window_ms * 1000)))
+        cfg.set(Config.WINDOW_US, round(o.time_window_ms * 1000))
         cfg.set(Config.MAX_BATCH, o.max_batch_size)
         cfg.set(Config.MIN_BATCH, min(o.min_batch_size, o.max_batch_size))
         cfg.set(Config.ADAPTIVE, int(o.adaptive_batching))
@@ -211,9 +216,10 @@ class Supervisor:
 
     def _safe_dsn(self) -> str:
         from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
         try:
             parts = conninfo_to_dict(self.dsn or "")
-        except Exception:
+        except Exception:  # noqa: BLE001 - any unparsable DSN is shown redacted
             return "<dsn>"
         if "password" in parts:
             parts["password"] = "***"
@@ -223,19 +229,28 @@ class Supervisor:
     def _spawn(self, handle: WorkerHandle) -> None:
         o = self.options
         fds = [self.segment.fd, self.data_wake.fd, *[w.fd for w in self.commit_wakes], self.listener.fileno()]
-        spec = WorkerSpec(role=handle.role, index=handle.index, segment_fd=self.segment.fd,
-                          segment_size=self.segment.size, segment_map=[int(a) for a in self.control.map.args()],
-                          data_wake_fd=self.data_wake.fd, commit_wake_fds=[w.fd for w in self.commit_wakes],
-                          listen_fd=self.listener.fileno(), dsn=self.dsn, options=opts.to_dict(o),
-                          supervisor_pid=os.getpid())
+        spec = WorkerSpec(
+            role=handle.role,
+            index=handle.index,
+            segment_fd=self.segment.fd,
+            segment_size=self.segment.size,
+            segment_map=[int(a) for a in self.control.map.args()],
+            data_wake_fd=self.data_wake.fd,
+            commit_wake_fds=[w.fd for w in self.commit_wakes],
+            listen_fd=self.listener.fileno(),
+            dsn=self.dsn,
+            options=opts.to_dict(o),
+            supervisor_pid=os.getpid(),
+        )
         env = dict(os.environ)
         env[WORKER_SPEC_ENV] = msgspec.json.encode(spec).decode()
         # The worker must import this checkout's packages even when the
         # current directory is elsewhere.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        handle.proc = subprocess.Popen([sys.executable, "-m", "engine.worker"], env=env, pass_fds=fds,
-                                       stdin=subprocess.DEVNULL, close_fds=True)
+        handle.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.worker"], env=env, pass_fds=fds, stdin=subprocess.DEVNULL, close_fds=True
+        )
         handle.pidfd = os.pidfd_open(handle.proc.pid)
         self.selector.register(handle.pidfd, selectors.EVENT_READ, handle)
         handle.backoff.started_now()
@@ -263,8 +278,14 @@ class Supervisor:
         handle.restarts += 1
         slot.set(W.RESTARTS, handle.restarts)
         handle.restart_at = time.monotonic() + delay
-        log.error("%s (pid %d) exited with %s; restarting in %.1fs (restart #%d)",
-                  handle.name, handle.proc.pid, exit_name(code), delay, handle.restarts)
+        log.error(
+            "%s (pid %d) exited with %s; restarting in %.1fs (restart #%d)",
+            handle.name,
+            handle.proc.pid,
+            exit_name(code),
+            delay,
+            handle.restarts,
+        )
 
     def _check_memory(self) -> None:
         limit = self.options.worker_rss_limit_mb << 20
@@ -277,8 +298,12 @@ class Supervisor:
             except psutil.NoSuchProcess:
                 continue
             if rss > limit:
-                log.error("%s uses %d MiB RSS > worker_rss_limit_mb=%d; recycling it",
-                          handle.name, rss >> 20, self.options.worker_rss_limit_mb)
+                log.error(
+                    "%s uses %d MiB RSS > worker_rss_limit_mb=%d; recycling it",
+                    handle.name,
+                    rss >> 20,
+                    self.options.worker_rss_limit_mb,
+                )
                 self._terminate(handle)
 
     def _terminate(self, handle: WorkerHandle) -> None:
@@ -295,8 +320,11 @@ class Supervisor:
         try:
             while not self._stop_requested.is_set():
                 now = time.monotonic()
-                deadlines = [next_rss] + [h.restart_at for h in self.workers if h.restart_at] + \
-                            [h.kill_deadline for h in self.workers if h.kill_deadline]
+                deadlines = (
+                    [next_rss]
+                    + [h.restart_at for h in self.workers if h.restart_at]
+                    + [h.kill_deadline for h in self.workers if h.kill_deadline]
+                )
                 timeout = max(0.0, min(deadlines) - now)
                 for key, _ in self.selector.select(timeout):
                     if key.data is None:
@@ -308,8 +336,7 @@ class Supervisor:
                     if handle.restart_at is not None and now >= handle.restart_at and not self._stop_requested.is_set():
                         self._spawn(handle)
                     if handle.kill_deadline is not None and now >= handle.kill_deadline:
-                        log.warning("%s ignored SIGTERM for %.1fs; SIGKILL", handle.name,
-                                    self.options.drain_timeout_s)
+                        log.warning("%s ignored SIGTERM for %.1fs; SIGKILL", handle.name, self.options.drain_timeout_s)
                         handle.proc.kill()
                         handle.kill_deadline = None
                 if now >= next_rss:
@@ -417,4 +444,5 @@ class Supervisor:
 
     def snapshot(self) -> dict:
         from engine.metrics import snapshot
+
         return snapshot(self.control)

@@ -27,11 +27,11 @@ PR_SET_PDEATHSIG = 1
 
 
 class WorkerSpec(msgspec.Struct):
-    role: str                      # "flusher" | "ingest"
+    role: str  # "flusher" | "ingest"
     index: int
     segment_fd: int
     segment_size: int
-    segment_map: list[int]         # SegmentMap.args()
+    segment_map: list[int]  # SegmentMap.args()
     data_wake_fd: int
     commit_wake_fds: list[int]
     listen_fd: int
@@ -63,16 +63,20 @@ def main() -> int:
     from engine.options import from_mapping
 
     options = from_mapping(spec.options, source="supervisor")
-    logging.basicConfig(level=options.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s {name} [%(levelname)s] %(name)s: %(message)s")
+    logging.basicConfig(
+        level=options.log_level.upper(),
+        stream=sys.stderr,
+        format=f"%(asctime)s {name} [%(levelname)s] %(name)s: %(message)s",
+    )
     _die_with_parent(spec.supervisor_pid)
+
+    import gc
 
     from engine import handlers
     from ipc.control import Control, SegmentMap
     from ipc.shm import Segment
     from ipc.wakeup import Wakeup
 
-    import gc
     # Everything imported so far lives as long as the worker: move it out of
     # the collector's sight, so a full collection in the hot loop walks only
     # the objects made since (fewer multi-millisecond pauses in a 10 ms window).
@@ -86,8 +90,14 @@ def main() -> int:
             from engine.flusher import FlusherProcess
             from engine.pipeline import Pipeline
 
-            flusher = FlusherProcess(control, data_wake, [Wakeup(fd) for fd in spec.commit_wake_fds],
-                                     spec.dsn, options, Pipeline(registry) if options.pipeline else None)
+            flusher = FlusherProcess(
+                control,
+                data_wake,
+                [Wakeup(fd) for fd in spec.commit_wake_fds],
+                spec.dsn,
+                options,
+                Pipeline(registry) if options.pipeline else None,
+            )
             try:
                 flusher.run()
             finally:
@@ -97,8 +107,15 @@ def main() -> int:
 
             listener = socket.socket(fileno=spec.listen_fd)
             listener.setblocking(False)
-            ingest.run(spec.index, control, listener, data_wake, Wakeup(spec.commit_wake_fds[spec.index]),
-                       options, registry.kinds())
+            ingest.run(
+                spec.index,
+                control,
+                listener,
+                data_wake,
+                Wakeup(spec.commit_wake_fds[spec.index]),
+                options,
+                registry.kinds(),
+            )
     finally:
         control.close()
         segment.close()

@@ -29,55 +29,59 @@ MAX_INGESTS = 64
 
 class Config:
     """Runtime-tunable words, written by the supervisor, read by workers."""
-    EPOCH = 0            # bumped after every change, so readers notice cheaply
+
+    EPOCH = 0  # bumped after every change, so readers notice cheaply
     WINDOW_US = 1
     MAX_BATCH = 2
     ADAPTIVE = 3
-    DRAINING = 4         # 1 once shutdown began: flush now, accept nothing new
+    DRAINING = 4  # 1 once shutdown began: flush now, accept nothing new
     MIN_BATCH = 5
     COUNT = 8
 
 
 class Flusher:
     """Counters written by the flusher."""
+
     BATCHES = 0
-    INTENTS = 1          # records cut into batches (duplicates included)
-    COMMITTED = 2        # intents newly committed
-    DUPLICATES = 3       # resends answered with their original outcome
+    INTENTS = 1  # records cut into batches (duplicates included)
+    COMMITTED = 2  # intents newly committed
+    DUPLICATES = 3  # resends answered with their original outcome
     DEAD_LETTERED = 4
     TIME_CUTS = 5
     SIZE_CUTS = 6
     DRAIN_CUTS = 7
     LAST_FLUSH_WALL_NS = 8
     LAST_BATCH_SIZE = 9
-    BATCH_LIMIT = 10     # current (adaptive) size limit
-    BREAKER = 11         # 0 closed, 1 open, 2 half-open
+    BATCH_LIMIT = 10  # current (adaptive) size limit
+    BREAKER = 11  # 0 closed, 1 open, 2 half-open
     DB_ERRORS = 12
     CONSECUTIVE_FAILURES = 13
     LATENCY_EWMA_US = 14  # first-received to commit, smoothed
-    FALLBACKS = 15       # batches re-run intent by intent after a data error
-    READY_NS = 16        # wall time the flusher came up (connected to the database)
-    SLOW_PATH = 17       # batches written by the reading path (cache miss, resend, stale cache)
+    FALLBACKS = 15  # batches re-run intent by intent after a data error
+    READY_NS = 16  # wall time the flusher came up (connected to the database)
+    SLOW_PATH = 17  # batches written by the reading path (cache miss, resend, stale cache)
     COUNT = 24
 
 
 class Ingest:
     """Counters written by one ingest process."""
+
     RECEIVED = 0
     REJECTED = 1
     CONNECTIONS_OPEN = 2
     CONNECTIONS_TOTAL = 3
     REPLIES = 4
-    PAUSED = 5           # 1 while reading is paused by a full ring
-    READY_NS = 6         # wall time this ingest started serving
+    PAUSED = 5  # 1 while reading is paused by a full ring
+    READY_NS = 6  # wall time this ingest started serving
     COUNT = 8
 
 
 class Worker:
     """Per-worker slot written by the supervisor."""
+
     PID = 0
     RESTARTS = 1
-    LAST_EXIT = 2        # raw returncode of the last exit (negative = signal)
+    LAST_EXIT = 2  # raw returncode of the last exit (negative = signal)
     STARTED_NS = 3
     COUNT = 4
 
@@ -126,14 +130,18 @@ class Control:
         self.map = smap
         self.config = Counters(buf, _CONFIG_OFFSET, Config.COUNT)
         self.flusher = Counters(buf, _FLUSHER_OFFSET, Flusher.COUNT)
-        self.ingest = [Counters(buf, _INGEST_OFFSET + 8 * Ingest.COUNT * i, Ingest.COUNT)
-                       for i in range(smap.ingests)]
-        self.workers = [Counters(buf, _WORKERS_OFFSET + 8 * Worker.COUNT * i, Worker.COUNT)
-                        for i in range(smap.ingests + 1)]
-        self.intent_rings = [Ring(buf, smap.intent_ring_offset(i), smap.ring_bytes,
-                                  create=create, name=f"intents[{i}]") for i in range(smap.ingests)]
-        self.outcome_rings = [Ring(buf, smap.outcome_ring_offset(i), smap.outcome_bytes,
-                                   create=create, name=f"outcomes[{i}]") for i in range(smap.ingests)]
+        self.ingest = [Counters(buf, _INGEST_OFFSET + 8 * Ingest.COUNT * i, Ingest.COUNT) for i in range(smap.ingests)]
+        self.workers = [
+            Counters(buf, _WORKERS_OFFSET + 8 * Worker.COUNT * i, Worker.COUNT) for i in range(smap.ingests + 1)
+        ]
+        self.intent_rings = [
+            Ring(buf, smap.intent_ring_offset(i), smap.ring_bytes, create=create, name=f"intents[{i}]")
+            for i in range(smap.ingests)
+        ]
+        self.outcome_rings = [
+            Ring(buf, smap.outcome_ring_offset(i), smap.outcome_bytes, create=create, name=f"outcomes[{i}]")
+            for i in range(smap.ingests)
+        ]
 
     def close(self) -> None:
         """Release every view (required before the segment can be unmapped)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import platform
+from typing import Any
 
 import numpy as np
 
@@ -35,8 +36,7 @@ log = logging.getLogger(__name__)
 _TSO_MACHINES = {"x86_64", "amd64", "AMD64", "i686", "i386"}
 if platform.machine() not in _TSO_MACHINES:  # pragma: no cover - not this machine
     log.warning(
-        "ipc.cursors relies on x86-64 store ordering; on %s use an atomics-backed "
-        "cursor module", platform.machine()
+        "ipc.cursors relies on x86-64 store ordering; on %s use an atomics-backed cursor module", platform.machine()
     )
 
 
@@ -45,7 +45,7 @@ class Cursor:
 
     __slots__ = ("_cell", "name")
 
-    def __init__(self, buffer, offset: int, name: str = "cursor") -> None:
+    def __init__(self, buffer: Any, offset: int, name: str = "cursor") -> None:
         if offset % 8:
             raise ValueError(f"{name} offset {offset} is not 8-byte aligned")
         self._cell = np.ndarray((1,), dtype=np.int64, buffer=buffer, offset=offset)
@@ -80,7 +80,7 @@ class Counters:
 
     __slots__ = ("_cells",)
 
-    def __init__(self, buffer, offset: int, count: int) -> None:
+    def __init__(self, buffer: Any, offset: int, count: int) -> None:
         if offset % 8:
             raise ValueError(f"counter block offset {offset} is not 8-byte aligned")
         self._cells = np.ndarray((count,), dtype=np.int64, buffer=buffer, offset=offset)
@@ -100,7 +100,8 @@ class Counters:
 
     def snapshot(self) -> list[int]:
         """All counters as Python ints (a copy; not atomic as a whole)."""
-        return self._cells.tolist()
+        values: list[int] = self._cells.tolist()
+        return values
 
     def release(self) -> None:
         """Drop the view so the underlying mmap can be closed."""

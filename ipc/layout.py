@@ -83,8 +83,7 @@ def check_capacity(capacity: int) -> None:
     """Raise ValueError unless ``capacity`` is a power of two within bounds."""
     if capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or capacity & (capacity - 1):
         raise ValueError(
-            f"ring capacity must be a power of two between {MIN_CAPACITY} and "
-            f"{MAX_CAPACITY} bytes, got {capacity}"
+            f"ring capacity must be a power of two between {MIN_CAPACITY} and {MAX_CAPACITY} bytes, got {capacity}"
         )
 
 

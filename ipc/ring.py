@@ -13,8 +13,8 @@ Cursors are touched once per claim and once per read, never per record.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from ipc import layout
 from ipc.cursors import Cursor
@@ -35,7 +35,7 @@ class Run:
     commits past them; copy what must outlive that and call ``release``.
     """
 
-    __slots__ = ("positions", "recv_ns", "payloads", "end")
+    __slots__ = ("end", "payloads", "positions", "recv_ns")
 
     def __init__(self, start: int) -> None:
         self.positions: list[int] = []
@@ -60,10 +60,11 @@ class Ring:
     must have one writing process.
     """
 
-    def __init__(self, buf: memoryview, offset: int, capacity: int | None = None,
-                 *, create: bool = False, name: str = "ring") -> None:
+    def __init__(
+        self, buf: memoryview, offset: int, capacity: int | None = None, *, create: bool = False, name: str = "ring"
+    ) -> None:
         self.name = name
-        header = buf[offset:offset + layout.HEADER_BYTES]
+        header = buf[offset : offset + layout.HEADER_BYTES]
         if create:
             if capacity is None:
                 raise ValueError("capacity is required to create a ring")
@@ -71,8 +72,8 @@ class Ring:
             _U64.pack_into(header, layout.MAGIC_OFFSET, layout.MAGIC)
             _U64.pack_into(header, layout.CAPACITY_OFFSET, capacity)
         else:
-            magic, = _U64.unpack_from(header, layout.MAGIC_OFFSET)
-            stored, = _U64.unpack_from(header, layout.CAPACITY_OFFSET)
+            (magic,) = _U64.unpack_from(header, layout.MAGIC_OFFSET)
+            (stored,) = _U64.unpack_from(header, layout.CAPACITY_OFFSET)
             if magic != layout.MAGIC:
                 raise ValueError(f"{name}: no ring at offset {offset} (magic {magic:#x})")
             if capacity is not None and capacity != stored:
@@ -83,7 +84,7 @@ class Ring:
         self.capacity = capacity
         self.max_payload = layout.max_payload(capacity)
         self._mask = capacity - 1
-        self._data = buf[offset + layout.DATA_OFFSET: offset + layout.DATA_OFFSET + capacity]
+        self._data = buf[offset + layout.DATA_OFFSET : offset + layout.DATA_OFFSET + capacity]
         self.write_cursor = Cursor(buf, offset + layout.WRITE_CURSOR_OFFSET, f"{name}.write")
         self.commit_cursor = Cursor(buf, offset + layout.COMMIT_CURSOR_OFFSET, f"{name}.commit")
         # Producer-side caches: where the next record goes, and how far it may
@@ -121,7 +122,7 @@ class Ring:
             idx = 0
         _RECORD_HEADER.pack_into(data, idx, n, layout.TYPE_DATA, recv_ns)
         start = idx + layout.RECORD_HEADER_BYTES
-        data[start:start + n] = payload
+        data[start : start + n] = payload
         self._claim_pos = pos + size
         return True
 
@@ -135,7 +136,7 @@ class Ring:
         self._claim_pos = self.write_cursor.load_acquire()
 
     @contextmanager
-    def claim(self) -> Iterator["Ring"]:
+    def claim(self) -> Iterator[Ring]:
         """``with ring.claim() as w: w.try_append(...)``: publishes on normal
         exit, discards the unpublished records if the block raises."""
         try:
@@ -193,7 +194,7 @@ class Ring:
             positions.append(pos)
             recv.append(recv_ns)
             body = idx + header
-            payloads.append(data[body:body + length])
+            payloads.append(data[body : body + length])
             pos += (header + length + align) & ~align
             n += 1
         run.end = pos
@@ -214,5 +215,7 @@ class Ring:
         self.commit_cursor.release()
 
     def __repr__(self) -> str:
-        return (f"<Ring {self.name} cap={self.capacity} "
-                f"write={self.write_cursor.load_acquire()} commit={self.commit_cursor.load_acquire()}>")
+        return (
+            f"<Ring {self.name} cap={self.capacity} "
+            f"write={self.write_cursor.load_acquire()} commit={self.commit_cursor.load_acquire()}>"
+        )

@@ -17,17 +17,17 @@ import os
 class Segment:
     """A mapped shared-memory segment. ``create`` owns it; ``attach`` borrows it."""
 
-    __slots__ = ("fd", "size", "_map", "buf", "owner")
+    __slots__ = ("_map", "buf", "fd", "owner", "size")
 
     def __init__(self, fd: int, size: int, owner: bool) -> None:
         self.fd = fd
         self.size = size
         self.owner = owner
-        self._map = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._map: mmap.mmap | None = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self.buf = memoryview(self._map)
 
     @classmethod
-    def create(cls, size: int, name: str = "batchscheduler") -> "Segment":
+    def create(cls, size: int, name: str = "batchscheduler") -> Segment:
         """Allocate a zero-filled segment of ``size`` bytes (close-on-exec fd)."""
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
@@ -38,7 +38,7 @@ class Segment:
             raise
 
     @classmethod
-    def attach(cls, fd: int, size: int) -> "Segment":
+    def attach(cls, fd: int, size: int) -> Segment:
         """Map a segment whose descriptor was inherited from the owner."""
         actual = os.fstat(fd).st_size
         if actual != size:

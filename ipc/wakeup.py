@@ -16,7 +16,7 @@ import select
 class Wakeup:
     """An eventfd shared by the processes that inherit it."""
 
-    __slots__ = ("fd", "_fds", "_owned")
+    __slots__ = ("_fds", "_owned", "fd")
 
     def __init__(self, fd: int | None = None) -> None:
         self._owned = fd is None

@@ -56,7 +56,7 @@ class FrameReader:
     The size limit applies to a frame's payload: a msgpack frame's ``N``, or a
     JSON line without its ``\n`` / ``\r\n`` terminator."""
 
-    __slots__ = ("max_frame", "mode", "_buf", "_discarding", "fatal")
+    __slots__ = ("_buf", "_discarding", "fatal", "max_frame", "mode")
 
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
@@ -78,7 +78,8 @@ class FrameReader:
                 self.fatal = ProtocolError(
                     "bad_framing",
                     f"first byte {first:#04x} starts neither a msgpack frame (0x00, a 4-byte "
-                    "big-endian length) nor a JSON line ('{')")
+                    "big-endian length) nor a JSON line ('{')",
+                )
                 return []
         buf = self._buf
         buf += data
@@ -91,11 +92,12 @@ class FrameReader:
         pos = 0
         end = len(buf)
         while end - pos >= 4:
-            n, = _LENGTH.unpack_from(buf, pos)
+            (n,) = _LENGTH.unpack_from(buf, pos)
             if n > self.max_frame:
                 # No way to resynchronise; frames before it are still answered.
-                self.fatal = ProtocolError("frame_too_large",
-                                           f"frame of {n} bytes exceeds max_frame_bytes={self.max_frame}")
+                self.fatal = ProtocolError(
+                    "frame_too_large", f"frame of {n} bytes exceeds max_frame_bytes={self.max_frame}"
+                )
                 buf.clear()
                 return frames
             if n == 0:
@@ -104,7 +106,7 @@ class FrameReader:
                 continue
             if end - pos - 4 < n:
                 break
-            frames.append(bytes(buf[pos + 4:pos + 4 + n]))
+            frames.append(bytes(buf[pos + 4 : pos + 4 + n]))
             pos += 4 + n
         del buf[:pos]
         return frames
@@ -163,12 +165,38 @@ def frame_json(payload: bytes) -> bytes:
 # client is told must not depend on which release pip resolved.
 
 # MessagePack items that carry a payload of fixed size after the type byte.
-_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,
-          0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17}
+_FIXED = {
+    0xC0: 0,
+    0xC2: 0,
+    0xC3: 0,
+    0xCA: 4,
+    0xCB: 8,
+    0xCC: 1,
+    0xCD: 2,
+    0xCE: 4,
+    0xCF: 8,
+    0xD0: 1,
+    0xD1: 2,
+    0xD2: 4,
+    0xD3: 8,
+    0xD4: 2,
+    0xD5: 3,
+    0xD6: 5,
+    0xD7: 9,
+    0xD8: 17,
+}
 # Items whose payload length follows the type byte: (width of the length, extra bytes).
-_SIZED = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0),  # bin
-          0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1),  # ext (the extra byte is its type)
-          0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)}  # str
+_SIZED = {
+    0xC4: (1, 0),
+    0xC5: (2, 0),
+    0xC6: (4, 0),  # bin
+    0xC7: (1, 1),
+    0xC8: (2, 1),
+    0xC9: (4, 1),  # ext (the extra byte is its type)
+    0xD9: (1, 0),
+    0xDA: (2, 0),
+    0xDB: (4, 0),
+}  # str
 _STR8_32 = frozenset((0xD9, 0xDA, 0xDB))
 # Containers whose item count follows the type byte: (width of the count, items per entry).
 _COUNTED = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
@@ -213,7 +241,7 @@ def msgpack_bad_utf8(frame: bytes) -> BadUtf8 | None:
             width, extra = _SIZED[t]
             if pos + width > end:
                 break
-            size = int.from_bytes(frame[pos:pos + width], "big")
+            size = int.from_bytes(frame[pos : pos + width], "big")
             start = pos + width + extra
             pos = start + size
             if t not in _STR8_32:
@@ -222,7 +250,7 @@ def msgpack_bad_utf8(frame: bytes) -> BadUtf8 | None:
             width, per = _COUNTED[t]
             if pos + width > end:
                 break
-            pending += per * int.from_bytes(frame[pos:pos + width], "big")
+            pending += per * int.from_bytes(frame[pos : pos + width], "big")
             pos += width
             continue
         else:  # 0xC1 is never used

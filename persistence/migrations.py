@@ -53,8 +53,9 @@ def migrate(dsn: str) -> list[int]:
                     continue
                 with conn.transaction():
                     conn.execute(sql)
-                    conn.execute(f"INSERT INTO {SCHEMA}.schema_migrations (version, name) VALUES (%s, %s)",
-                                 (version, name))
+                    conn.execute(
+                        f"INSERT INTO {SCHEMA}.schema_migrations (version, name) VALUES (%s, %s)", (version, name)
+                    )
                 log.info("applied migration %04d_%s", version, name)
                 applied_now.append(version)
         finally:

@@ -36,8 +36,9 @@ the ring and retries.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import psycopg
 
@@ -86,7 +87,6 @@ STALE_CACHE = "BS001"
 NOTIFY = "SELECT pg_notify('batchscheduler_batches', currval('batchscheduler.batches_id_seq')::text)"
 
 
-
 @dataclass
 class Plan:
     """What the pipeline wants done for a set of new intents."""
@@ -126,11 +126,19 @@ class WriteResult:
     simply newly committed; absent ords are newly committed."""
 
 
+def _scalar(cursor: psycopg.Cursor[Any]) -> Any:
+    """The first column of a statement's one row (its RETURNING value)."""
+    row = cursor.fetchone()
+    if row is None:
+        raise psycopg.DataError("statement returned no row where one was expected")
+    return row[0]
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True when the failure is the connection's, not the batch's data."""
     return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)) and not isinstance(
-        exc, (psycopg.errors.QueryCanceled, psycopg.errors.DeadlockDetected,
-              psycopg.errors.ProgramLimitExceeded))
+        exc, (psycopg.errors.QueryCanceled, psycopg.errors.DeadlockDetected, psycopg.errors.ProgramLimitExceeded)
+    )
 
 
 class BatchWriter:
@@ -140,9 +148,17 @@ class BatchWriter:
         self.conn = conn
         self.notify = notify
 
-    def write_fast(self, batch: str, size: int, reason: str, first_received: float, cut_at: float,
-                   planner: Planner | None = None, plan: Plan | None = None,
-                   invalidate: bool = True) -> WriteResult | None:
+    def write_fast(
+        self,
+        batch: str,
+        size: int,
+        reason: str,
+        first_received: float,
+        cut_at: float,
+        planner: Planner | None = None,
+        plan: Plan | None = None,
+        invalidate: bool = True,
+    ) -> WriteResult | None:
         """The common case in ONE round trip: BEGIN, the batch row, a plain
         INSERT of the log, the state writes planned from the entity cache,
         COMMIT. ``plan`` is the planner's ``plan_optimistic()`` if already
@@ -160,21 +176,21 @@ class BatchWriter:
         cb = conn.cursor()
         head = {"size": size, "reason": reason, "first": first_received, "cut": cut_at}
         try:
-            with conn.pipeline():
-                with conn.transaction():
-                    cb.execute(INSERT_BATCH, head, prepare=True)
-                    conn.execute(INSERT_LOG_PLAIN, {"batch": batch, "ord0": 0}, prepare=True)
-                    if plan is not None:
-                        for sql, params in plan.statements:
-                            conn.execute(sql, params, prepare=True)
-                        self._mark_dead(plan.dead)
-                    if self.notify:
-                        conn.execute(NOTIFY)
+            with conn.pipeline(), conn.transaction():
+                cb.execute(INSERT_BATCH, head, prepare=True)
+                conn.execute(INSERT_LOG_PLAIN, {"batch": batch, "ord0": 0}, prepare=True)
+                if plan is not None:
+                    for sql, params in plan.statements:
+                        conn.execute(sql, params, prepare=True)
+                    self._mark_dead(plan.dead)
+                if self.notify:
+                    conn.execute(NOTIFY)
         except psycopg.Error as exc:
             if planner is not None and invalidate:
                 planner.invalidate()
-            if isinstance(exc, psycopg.errors.UniqueViolation) or \
-                    (exc.diag is not None and exc.diag.sqlstate == STALE_CACHE):
+            if isinstance(exc, psycopg.errors.UniqueViolation) or (
+                exc.diag is not None and exc.diag.sqlstate == STALE_CACHE
+            ):
                 return None
             raise
         except BaseException:
@@ -182,24 +198,25 @@ class BatchWriter:
                 planner.invalidate()
             raise
         dead = plan.dead if plan is not None else {}
-        return WriteResult(cb.fetchone()[0], size,
-                           {o: ("dead_lettered", code, why, False) for o, (code, why) in dead.items()})
+        return WriteResult(
+            _scalar(cb), size, {o: ("dead_lettered", code, why, False) for o, (code, why) in dead.items()}
+        )
 
-    def write(self, batch: str, size: int, reason: str, first_received: float, cut_at: float,
-              planner: Planner | None = None) -> WriteResult:
+    def write(
+        self, batch: str, size: int, reason: str, first_received: float, cut_at: float, planner: Planner | None = None
+    ) -> WriteResult:
         """One transaction for the whole batch; raises psycopg.Error on failure
         (the transaction is rolled back)."""
         conn = self.conn
         head = {"size": size, "reason": reason, "first": first_received, "cut": cut_at}
         cb, cl = conn.cursor(), conn.cursor()
         if planner is None:
-            with conn.pipeline():
-                with conn.transaction():
-                    cb.execute(INSERT_BATCH, head, prepare=True)
-                    cl.execute(INSERT_LOG, {"batch": batch, "ord0": 0}, prepare=True)
-                    if self.notify:
-                        conn.execute(NOTIFY)
-            batch_id = cb.fetchone()[0]
+            with conn.pipeline(), conn.transaction():
+                cb.execute(INSERT_BATCH, head, prepare=True)
+                cl.execute(INSERT_LOG, {"batch": batch, "ord0": 0}, prepare=True)
+                if self.notify:
+                    conn.execute(NOTIFY)
+            batch_id = _scalar(cb)
             new = [r[0] for r in cl.fetchall()]
             return self._finish(batch, size, batch_id, new, Plan())
         cs = conn.cursor()
@@ -207,24 +224,30 @@ class BatchWriter:
         # Two round trips in all: BEGIN + inserts + state read, then state
         # writes + COMMIT (the fetch forces the first sync; leaving the
         # pipeline sends the second).
-        with conn.pipeline():
-            with conn.transaction():
-                cb.execute(INSERT_BATCH, head, prepare=True)
-                cl.execute(INSERT_LOG, {"batch": batch, "ord0": 0}, prepare=True)
-                cs.execute(read_sql, read_params, prepare=True)
-                batch_id = cb.fetchone()[0]
-                new = [r[0] for r in cl.fetchall()]
-                plan = planner.plan(new, cs.fetchall())
-                for sql, params in plan.statements:
-                    conn.execute(sql, params, prepare=True)
-                self._mark_dead(plan.dead)
-                if self.notify:
-                    conn.execute(NOTIFY)
+        with conn.pipeline(), conn.transaction():
+            cb.execute(INSERT_BATCH, head, prepare=True)
+            cl.execute(INSERT_LOG, {"batch": batch, "ord0": 0}, prepare=True)
+            cs.execute(read_sql, read_params, prepare=True)
+            batch_id = _scalar(cb)
+            new = [r[0] for r in cl.fetchall()]
+            plan = planner.plan(new, cs.fetchall())
+            for sql, params in plan.statements:
+                conn.execute(sql, params, prepare=True)
+            self._mark_dead(plan.dead)
+            if self.notify:
+                conn.execute(NOTIFY)
         planner.committed()
         return self._finish(batch, size, batch_id, new, plan)
 
-    def write_isolated(self, batch: str, records: Sequence[str], reason: str, first_received: float,
-                       cut_at: float, planner: Planner | None = None) -> WriteResult:
+    def write_isolated(
+        self,
+        batch: str,
+        records: Sequence[str],
+        reason: str,
+        first_received: float,
+        cut_at: float,
+        planner: Planner | None = None,
+    ) -> WriteResult:
         """The fallback: the same batch, one savepoint per intent, so the
         intents whose writes fail are dead-lettered and the rest commit.
         ``records`` are the batch's elements as JSON texts, in order."""
@@ -233,8 +256,11 @@ class BatchWriter:
         unstorable: dict[int, tuple[str, str]] = {}
         new: list[int] = []
         with conn.transaction():
-            batch_id = conn.execute(INSERT_BATCH, {"size": len(records), "reason": reason,
-                                                   "first": first_received, "cut": cut_at}).fetchone()[0]
+            batch_id = _scalar(
+                conn.execute(
+                    INSERT_BATCH, {"size": len(records), "reason": reason, "first": first_received, "cut": cut_at}
+                )
+            )
             for ord_, record in enumerate(records, start=1):
                 try:
                     with conn.transaction():  # SAVEPOINT
@@ -259,15 +285,13 @@ class BatchWriter:
                         code = "constraint_violation"
                     else:
                         code = "write_error" if isinstance(exc, psycopg.Error) else "pipeline_error"
-                    diag = ((exc.diag.message_primary if isinstance(exc, psycopg.Error) else None)
-                            or str(exc)).strip()
+                    diag = ((exc.diag.message_primary if isinstance(exc, psycopg.Error) else None) or str(exc)).strip()
                     outcomes_dead[ord_] = (code, f"{type(exc).__name__}: {diag}")
                     # The log row went with the savepoint; write it again so
                     # the outcome is durable and a resend gets it.
                     try:
                         with conn.transaction():
-                            inserted = conn.execute(INSERT_LOG, {"batch": f"[{record}]",
-                                                                 "ord0": ord_ - 1}).fetchall()
+                            inserted = conn.execute(INSERT_LOG, {"batch": f"[{record}]", "ord0": ord_ - 1}).fetchall()
                     except psycopg.Error as again:
                         if is_connection_error(again):
                             raise
@@ -286,8 +310,9 @@ class BatchWriter:
                 conn.execute(NOTIFY)
         if planner is not None:
             planner.invalidate()  # states were changed one intent at a time
-        return self._finish(batch, len(records), batch_id, new + list(unstorable),
-                            Plan(dead={**outcomes_dead, **unstorable}))
+        return self._finish(
+            batch, len(records), batch_id, new + list(unstorable), Plan(dead={**outcomes_dead, **unstorable})
+        )
 
     # ------------------------------------------------------------------ private
     def _mark_dead(self, dead: dict[int, tuple[str, str]]) -> None:
@@ -301,7 +326,8 @@ class BatchWriter:
     def _finish(self, batch: str, size: int, batch_id: int, new: Iterable[int], plan: Plan) -> WriteResult:
         new_set = set(new)
         outcomes: dict[int, tuple[str, str, str, bool]] = {
-            o: ("dead_lettered", code, reason, False) for o, (code, reason) in plan.dead.items() if o in new_set}
+            o: ("dead_lettered", code, reason, False) for o, (code, reason) in plan.dead.items() if o in new_set
+        }
         if len(new_set) < size:
             missing = [o for o in range(1, size + 1) if o not in new_set]
             rows = self.conn.execute(ORIGINAL_OUTCOMES, {"batch": batch, "ords": missing}).fetchall()
@@ -309,6 +335,5 @@ class BatchWriter:
             for ord_, status, code, reason in rows:
                 outcomes[ord_] = (status, code, reason, True)
             for ord_ in missing:  # a row we cannot find cannot be acknowledged as stored
-                outcomes.setdefault(ord_, ("dead_lettered", "lost_conflict",
-                                           "conflicting row vanished; resend", True))
+                outcomes.setdefault(ord_, ("dead_lettered", "lost_conflict", "conflicting row vanished; resend", True))
         return WriteResult(batch_id, len(new_set), outcomes)

@@ -70,14 +70,18 @@ def no_leaks():
     def leftovers() -> list[psutil.Process]:
         # Backends of the session's own PostgreSQL come and go with
         # connections; they are that server's business, not a leak.
-        return [p for p in me.children(recursive=True)
-                if p.pid not in before_children and p.ppid() not in before_children and alive(p)]
+        return [
+            p
+            for p in me.children(recursive=True)
+            if p.pid not in before_children and p.ppid() not in before_children and alive(p)
+        ]
 
     def settled():
         try:
             return not leftovers()
         except psutil.NoSuchProcess:
             return False
+
     try:
         wait_for(settled, 10, "child processes to exit")
     except AssertionError:
@@ -160,7 +164,7 @@ class Engine:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"engine did not stop within {timeout}s:\n{self.log()[-3000:]}")
+            raise AssertionError(f"engine did not stop within {timeout}s:\n{self.log()[-3000:]}") from None
         finally:
             self.close_pipes()
 
@@ -171,8 +175,9 @@ class Engine:
             self.proc.stdout.close()
 
 
-def start_engine(tmp: Path, dsn: str | None, *args: str, env: dict | None = None,
-                 timeout: float = 60.0, name: str = "e") -> Engine:
+def start_engine(
+    tmp: Path, dsn: str | None, *args: str, env: dict | None = None, timeout: float = 60.0, name: str = "e"
+) -> Engine:
     sock = tmp / f"{name}.sock"
     log_path = tmp / f"{name}.log"
     cmd = [sys.executable, str(RUN_ENGINE), "--socket", str(sock), "--data-dir", str(tmp / "var"), *args]

@@ -18,17 +18,34 @@ from conftest import ROOT, query
 BENCH_DB = ROOT / "tools" / "bench_db"
 BENCH_IPC = ROOT / "tools" / "bench_ipc"
 
-DB_RESULT_KEYS = {"key", "operation", "rows", "transactions", "seconds", "ops_per_s", "us_per_op",
-                  "seed_ops_per_s", "ratio_to_baseline"}
-IPC_RESULT_KEYS = {"key", "variant", "skipped", "intents_per_s", "us_per_intent", "min_intents_per_s",
-                   "max_intents_per_s", "runs", "ratio_to_baseline"}
+DB_RESULT_KEYS = {
+    "key",
+    "operation",
+    "rows",
+    "transactions",
+    "seconds",
+    "ops_per_s",
+    "us_per_op",
+    "seed_ops_per_s",
+    "ratio_to_baseline",
+}
+IPC_RESULT_KEYS = {
+    "key",
+    "variant",
+    "skipped",
+    "intents_per_s",
+    "us_per_intent",
+    "min_intents_per_s",
+    "max_intents_per_s",
+    "runs",
+    "ratio_to_baseline",
+}
 MACHINE_KEYS = {"cpu", "cores", "ram_gib", "python", "postgresql"}
 
 
 def run_tool(tool, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSCHEDULER_")}
-    return subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:
@@ -37,8 +54,10 @@ def ok(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_tools_are_executable_and_document_their_options():
-    for tool, flags in ((BENCH_DB, ("--dsn", "--rows", "--batches", "--batch-size", "--json")),
-                        (BENCH_IPC, ("--records", "--repeat", "--chunk", "--max-batch", "--json"))):
+    for tool, flags in (
+        (BENCH_DB, ("--dsn", "--rows", "--batches", "--batch-size", "--json")),
+        (BENCH_IPC, ("--records", "--repeat", "--chunk", "--max-batch", "--json")),
+    ):
         assert os.access(tool, os.X_OK), f"{tool} is not executable"
         text = ok(run_tool(tool, "--help"))
         for flag in flags:
@@ -47,8 +66,23 @@ def test_tools_are_executable_and_document_their_options():
 
 def test_bench_db_prints_the_seed_table_and_writes_json(dsn, tmp_path):
     out = tmp_path / "db.json"
-    stdout = ok(run_tool(BENCH_DB, "--dsn", dsn, "--rows", "200", "--batches", "2", "--batch-size", "50",
-                         "--entities", "200", "--json", str(out)))
+    stdout = ok(
+        run_tool(
+            BENCH_DB,
+            "--dsn",
+            dsn,
+            "--rows",
+            "200",
+            "--batches",
+            "2",
+            "--batch-size",
+            "50",
+            "--entities",
+            "200",
+            "--json",
+            str(out),
+        )
+    )
     assert stdout.startswith("machine: ")
     assert "fsync=on" in stdout
     header = next(line for line in stdout.splitlines() if line.startswith("operation"))
@@ -58,26 +92,40 @@ def test_bench_db_prints_the_seed_table_and_writes_json(dsn, tmp_path):
 
     doc = json.loads(out.read_text())
     assert {"tool", "machine", "server", "params", "baseline", "results"} <= doc.keys()
-    assert MACHINE_KEYS <= doc["machine"].keys()
+    assert doc["machine"].keys() >= MACHINE_KEYS
     assert doc["server"]["fsync"] == "on" and doc["server"]["synchronous_commit"] == "on"
     keys = [r["key"] for r in doc["results"]]
     assert keys[:4] == ["insert_per_tx", "update_per_tx", "update_batched", "complex_update_per_tx"]
     assert {"insert_unnest", "copy_write_row", "update_unnest", "update_executemany", "insert_jsonb"} <= set(keys)
     for r in doc["results"]:
-        assert DB_RESULT_KEYS <= r.keys()
+        assert r.keys() >= DB_RESULT_KEYS
         assert r["rows"] == (200 if r["key"] in keys[:4] else 100)
     assert doc["results"][0]["ratio_to_baseline"] == 1.0
     # The scratch schema is gone and the engine's schema was never made.
-    assert query(dsn, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench%' "
-                      "OR nspname = 'batchscheduler'") == []
+    assert (
+        query(dsn, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'bench%' OR nspname = 'batchscheduler'") == []
+    )
 
 
 def test_bench_db_embedded_server_is_stopped_and_removed(tmp_path):
     pattern = os.path.join(tempfile.gettempdir(), "bs-bench-db-*")
     before = set(glob.glob(pattern))
     out = tmp_path / "db.json"
-    stdout = ok(run_tool(BENCH_DB, "--rows", "50", "--batches", "1", "--batch-size", "20",
-                         "--only", "insert_per_tx,insert_jsonb", "--json", str(out)))
+    stdout = ok(
+        run_tool(
+            BENCH_DB,
+            "--rows",
+            "50",
+            "--batches",
+            "1",
+            "--batch-size",
+            "20",
+            "--only",
+            "insert_per_tx,insert_jsonb",
+            "--json",
+            str(out),
+        )
+    )
     assert "(embedded, temp dir)" in stdout
     doc = json.loads(out.read_text())
     assert doc["server"]["embedded"] is True
@@ -92,8 +140,11 @@ def test_bench_db_rejects_nonsense_sizes():
 
 def test_bench_ipc_prints_the_handoff_table_and_writes_json(tmp_path):
     out = tmp_path / "ipc.json"
-    stdout = ok(run_tool(BENCH_IPC, "--records", "5000", "--repeat", "1", "--ring-bytes", "4096",
-                         "--chunk", "64", "--json", str(out)))
+    stdout = ok(
+        run_tool(
+            BENCH_IPC, "--records", "5000", "--repeat", "1", "--ring-bytes", "4096", "--chunk", "64", "--json", str(out)
+        )
+    )
     assert stdout.startswith("machine: ")
     header = next(line for line in stdout.splitlines() if line.startswith("variant"))
     for column in ("intents/s", "µs/intent", "ratio vs mp.Queue"):
@@ -101,13 +152,13 @@ def test_bench_ipc_prints_the_handoff_table_and_writes_json(tmp_path):
 
     doc = json.loads(out.read_text())
     assert {"tool", "machine", "params", "baseline", "results"} <= doc.keys()
-    assert MACHINE_KEYS <= doc["machine"].keys()
+    assert doc["machine"].keys() >= MACHINE_KEYS
     assert doc["params"]["n"] == 5000
     by_key = {r["key"]: r for r in doc["results"]}
     assert {"ring", "mp_queue", "mp_queue_batched", "faster_fifo"} <= by_key.keys()
     for key in ("ring", "mp_queue", "mp_queue_batched"):
         r = by_key[key]
-        assert IPC_RESULT_KEYS <= r.keys()
+        assert r.keys() >= IPC_RESULT_KEYS
         assert r["skipped"] is None and len(r["runs"]) == 1
     assert by_key["mp_queue"]["ratio_to_baseline"] == 1.0
     # A 4 KiB ring holds ~45 records, fewer than one 64-record chunk, and

@@ -12,8 +12,8 @@ import threading
 
 import psutil
 import pytest
-
 from conftest import ROOT, query, wait_for
+
 from engine.client import AsyncClient, Client
 from engine.intent import COMMITTED
 
@@ -31,10 +31,10 @@ def load(engine, connections: int, per_connection: int, *, during=None, window: 
                 replies = client.submit_many([client.intent(f"hero-{c}", "spawn", {"state": {"hp": 100}})])
                 todo = [client.intent(f"hero-{c}", "move", {"dx": 1, "dy": -1}) for _ in range(per_connection - 1)]
                 for start in range(0, len(todo), window):
-                    replies += client.submit_many(todo[start:start + window], window=window)
+                    replies += client.submit_many(todo[start : start + window], window=window)
                     progress[c] = len(replies)
                 results[c] = replies
-        except BaseException as exc:  # surfaced in the main thread
+        except BaseException as exc:  # noqa: BLE001 - surfaced in the main thread
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(c,)) for c in range(connections)]
@@ -50,13 +50,14 @@ def load(engine, connections: int, per_connection: int, *, during=None, window: 
 
 
 def assert_exactly_once(engine, results, connections, per_connection):
-    for c, replies in results.items():
+    for replies in results.values():
         assert len(replies) == per_connection
         assert all(r.status == COMMITTED for r in replies), [r for r in replies if r.status != COMMITTED][:3]
         assert [r.seq for r in replies] == list(range(1, per_connection + 1))
     total = connections * per_connection
-    (rows, distinct), = query(engine.dsn, "SELECT count(*), count(DISTINCT (client_id, seq)) "
-                                          "FROM batchscheduler.intent_log")
+    ((rows, distinct),) = query(
+        engine.dsn, "SELECT count(*), count(DISTINCT (client_id, seq)) FROM batchscheduler.intent_log"
+    )
     assert rows == distinct == total
     states = dict(query(engine.dsn, "SELECT id, state FROM batchscheduler.entities"))
     for c in range(connections):
@@ -68,12 +69,16 @@ def assert_exactly_once(engine, results, connections, per_connection):
 def test_100k_intents_from_8_connections_each_committed_exactly_once(engine):
     results = load(engine, 8, 12_500)
     assert_exactly_once(engine, results, 8, 12_500)
-    (batches, biggest), = query(engine.dsn, "SELECT count(*), max(size) FROM batchscheduler.batches")
+    ((batches, biggest),) = query(engine.dsn, "SELECT count(*), max(size) FROM batchscheduler.batches")
     assert biggest <= 857
     assert batches >= 100_000 // 857
     # Replaying the committed log from an empty world reproduces the state.
-    replay = subprocess.run([sys.executable, str(ROOT / "tools" / "replay"), "--dsn", engine.dsn],
-                            capture_output=True, text=True, timeout=300)
+    replay = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "replay"), "--dsn", engine.dsn],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert replay.returncode == 0, replay.stdout + replay.stderr
     assert "intents in log: 100000, applied: 100000" in replay.stdout
 
@@ -105,8 +110,10 @@ def test_resent_dead_letter_gets_its_original_reason(engine):
 def test_json_lines_get_one_json_reply_per_line(engine):
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(engine.socket))
-        s.sendall(b'{"client_id":"p","seq":1,"entity":"e","kind":"spawn","args":{"state":{}}}\n'
-                  b'{"client_id":"p","seq":2,"entity":"e","kind":"say","args":{"text":"hello"}}\n')
+        s.sendall(
+            b'{"client_id":"p","seq":1,"entity":"e","kind":"spawn","args":{"state":{}}}\n'
+            b'{"client_id":"p","seq":2,"entity":"e","kind":"say","args":{"text":"hello"}}\n'
+        )
         f = s.makefile("rb")
         replies = [json.loads(f.readline()) for _ in range(2)]
     assert sorted(r["seq"] for r in replies) == [1, 2]
@@ -129,12 +136,14 @@ def test_asyncio_client_many_in_flight(engine):
     async def main():
         async with AsyncClient(engine.socket, client_id="async", first_seq=1) as client:
             await client.submit(client.intent("bard", "spawn", {"state": {}}))
-            replies = await asyncio.gather(*[client.submit(client.intent("bard", "pick_up", {"item": f"i{k}"}))
-                                             for k in range(500)])
+            replies = await asyncio.gather(
+                *[client.submit(client.intent("bard", "pick_up", {"item": f"i{k}"})) for k in range(500)]
+            )
         return replies
+
     replies = asyncio.run(main())
     assert all(r.status == COMMITTED for r in replies)
-    (inv,), = query(engine.dsn, "SELECT state->'inv' FROM batchscheduler.entities WHERE id = 'bard'")
+    ((inv,),) = query(engine.dsn, "SELECT state->'inv' FROM batchscheduler.entities WHERE id = 'bard'")
     assert inv == [f"i{k}" for k in range(500)]  # applied in submission order
 
 
@@ -203,15 +212,18 @@ def test_worker_over_its_rss_limit_is_recycled_and_intents_still_commit(engine_f
     wait_for(lambda: "RSS > worker_rss_limit_mb=40; recycling it" in eng.log(), 15, "RSS recycling")
     wait_for(lambda: _restarted(eng, "flusher", first), 15, "new flusher")
     with Client(eng.socket, client_id="rss", first_seq=1, timeout=60) as client:
-        replies = client.submit_many([client.intent("r", "spawn", {})] +
-                                     [client.intent("r", "say", {"text": str(i)}) for i in range(200)])
+        replies = client.submit_many(
+            [client.intent("r", "spawn", {})] + [client.intent("r", "say", {"text": str(i)}) for i in range(200)]
+        )
     assert all(r.status == COMMITTED for r in replies)
     assert query(eng.dsn, "SELECT count(*) FROM batchscheduler.intent_log") == [(201,)]
 
 
 def test_database_outage_opens_breaker_answers_busy_and_loses_nothing(short_tmp):
-    from persistence.embedded import EmbeddedPostgres
     from conftest import start_engine
+
+    from persistence.embedded import EmbeddedPostgres
+
     pg = EmbeddedPostgres(short_tmp / "pg")
     dsn = pg.start()
     eng = start_engine(short_tmp, dsn, "--breaker-failure-threshold", "2", "--breaker-recovery-timeout-s", "0.5")
@@ -254,8 +266,10 @@ def test_client_that_half_closes_still_gets_every_reply(engine):
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(engine.socket))
         s.settimeout(10)
-        s.sendall(b'{"client_id":"hc","seq":1,"entity":"h","kind":"spawn","args":{}}\n'
-                  b'{"client_id":"hc","seq":2,"entity":"h","kind":"say","args":{"text":"bye"}}\n')
+        s.sendall(
+            b'{"client_id":"hc","seq":1,"entity":"h","kind":"spawn","args":{}}\n'
+            b'{"client_id":"hc","seq":2,"entity":"h","kind":"say","args":{"text":"bye"}}\n'
+        )
         s.shutdown(socket.SHUT_WR)
         lines = s.makefile("rb").read().splitlines()  # until the engine closes
     assert sorted(json.loads(line)["seq"] for line in lines) == [1, 2]
@@ -265,8 +279,19 @@ def test_client_that_half_closes_still_gets_every_reply(engine):
 def test_adaptive_batching_shrinks_the_limit_when_latency_exceeds_its_threshold(engine_factory):
     # A 1 ms latency threshold cannot be met (the window alone is 5 ms), so
     # every batch shrinks the limit by the adjustment factor, down to the floor.
-    eng = engine_factory("--adaptive-batching", "--max-batch-size", "200", "--min-batch-size", "20",
-                         "--time-window-ms", "5", "--latency-threshold-ms", "1", "--adjustment-factor", "0.5")
+    eng = engine_factory(
+        "--adaptive-batching",
+        "--max-batch-size",
+        "200",
+        "--min-batch-size",
+        "20",
+        "--time-window-ms",
+        "5",
+        "--latency-threshold-ms",
+        "1",
+        "--adjustment-factor",
+        "0.5",
+    )
     assert _op(eng, "health")["current_batch_size"] == 200
     with Client(eng.socket, client_id="adapt", first_seq=1, timeout=60) as client:
         client.submit(client.intent("a", "spawn", {}))
@@ -274,8 +299,10 @@ def test_adaptive_batching_shrinks_the_limit_when_latency_exceeds_its_threshold(
             replies = client.submit_many([client.intent("a", "say", {"text": "x"}) for _ in range(50)])
             assert all(r.status == COMMITTED for r in replies)
     assert _op(eng, "health")["current_batch_size"] == 20
-    (biggest,), = query(eng.dsn, "SELECT max(size) FROM batchscheduler.batches WHERE id > "
-                                 "(SELECT max(id) - 3 FROM batchscheduler.batches)")
+    ((biggest,),) = query(
+        eng.dsn,
+        "SELECT max(size) FROM batchscheduler.batches WHERE id > (SELECT max(id) - 3 FROM batchscheduler.batches)",
+    )
     assert biggest <= 20  # the shrunken limit is what the flusher cuts at
 
 
@@ -285,13 +312,18 @@ def test_sigterm_under_load_answers_everything_it_read_and_exits_0(engine_factor
     with Client(eng.socket, client_id="seed", first_seq=1) as client:
         client.submit(client.intent("busy-room", "spawn", {}))
     socks, frames = [], 3000
-    for c in range(4):
+    for _ in range(4):
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(eng.socket))
         s.settimeout(20)
         socks.append(s)
-    payload = {c: b"".join(b'{"client_id":"d%d","seq":%d,"entity":"busy-room","kind":"say","args":{"text":"x"}}\n'
-                          % (c, i) for i in range(frames)) for c in range(4)}
+    payload = {
+        c: b"".join(
+            b'{"client_id":"d%d","seq":%d,"entity":"busy-room","kind":"say","args":{"text":"x"}}\n' % (c, i)
+            for i in range(frames)
+        )
+        for c in range(4)
+    }
     senders = [threading.Thread(target=s.sendall, args=(payload[c],)) for c, s in enumerate(socks)]
     for t in senders:
         t.start()
@@ -301,7 +333,7 @@ def test_sigterm_under_load_answers_everything_it_read_and_exits_0(engine_factor
         t.join(10)  # a sender blocked on a full socket is released when the engine closes it
     assert code == 0
     committed = set()
-    for c, s in enumerate(socks):
+    for s in socks:
         data = b""
         try:
             while chunk := s.recv(1 << 16):
@@ -325,6 +357,7 @@ def test_sigterm_under_load_answers_everything_it_read_and_exits_0(engine_factor
 
 def test_supervisor_killed_with_sigkill_leaves_nothing_running_and_restarts_clean(short_tmp):
     from conftest import start_engine
+
     eng = start_engine(short_tmp, None)  # embedded PostgreSQL, owned by this supervisor
     tree = [eng.proc.pid] + [p.pid for p in psutil.Process(eng.proc.pid).children(recursive=True)]
     assert any("postgres" in " ".join(psutil.Process(pid).cmdline()) for pid in tree)
@@ -333,8 +366,10 @@ def test_supervisor_killed_with_sigkill_leaves_nothing_running_and_restarts_clea
     eng.close_pipes()
 
     def gone():
-        return not [pid for pid in tree if psutil.pid_exists(pid)
-                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        return not [
+            pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        ]
+
     # Workers drain on their parent-death SIGTERM; PostgreSQL fast-shuts down on its SIGINT.
     wait_for(gone, 20, "the whole process tree to exit")
     again = start_engine(short_tmp, None)  # same data dir, same (stale) socket path

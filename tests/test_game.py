@@ -8,8 +8,8 @@ import subprocess
 import sys
 import textwrap
 
-
 from conftest import ROOT, execute, query
+
 from engine.client import Client
 from engine.intent import COMMITTED, DEAD_LETTERED
 
@@ -20,10 +20,15 @@ def scripted_intents(client: Client, n: int, seed: int = 7):
     for _ in range(n):
         entity = f"e{rng.randrange(24)}"  # e20..e23 never spawned: dead letters
         kind = rng.choice(["move", "say", "damage", "heal", "pick_up", "drop", "spawn"])
-        args = {"move": {"dx": rng.randint(-2, 2), "dy": 1}, "say": {"text": "hi"},
-                "damage": {"amount": rng.randint(0, 20)}, "heal": {"amount": rng.randint(0, 9)},
-                "pick_up": {"item": rng.choice("abc")}, "drop": {"item": rng.choice("abc")},
-                "spawn": {"state": {}}}[kind]
+        args = {
+            "move": {"dx": rng.randint(-2, 2), "dy": 1},
+            "say": {"text": "hi"},
+            "damage": {"amount": rng.randint(0, 20)},
+            "heal": {"amount": rng.randint(0, 9)},
+            "pick_up": {"item": rng.choice("abc")},
+            "drop": {"item": rng.choice("abc")},
+            "spawn": {"state": {}},
+        }[kind]
         out.append(client.intent(entity, kind, args))
     return out
 
@@ -36,19 +41,22 @@ def run_script(engine) -> tuple[dict, list]:
 
 
 def reset(dsn):
-    execute(dsn, "TRUNCATE batchscheduler.intent_log, batchscheduler.entities, batchscheduler.batches, "
-                 "batchscheduler.dead_letters")
+    execute(
+        dsn,
+        "TRUNCATE batchscheduler.intent_log, batchscheduler.entities, batchscheduler.batches, "
+        "batchscheduler.dead_letters",
+    )
 
 
 def test_same_intents_cut_differently_give_identical_state(engine_factory):
     small = engine_factory("--time-window-ms", "1", "--max-batch-size", "7")
     states_small, outcomes_small = run_script(small)
-    (batches_small,), = query(small.dsn, "SELECT count(*) FROM batchscheduler.batches")
+    ((batches_small,),) = query(small.dsn, "SELECT count(*) FROM batchscheduler.batches")
     assert small.stop() == 0
     reset(small.dsn)
     big = engine_factory("--time-window-ms", "50", "--max-batch-size", "857")
     states_big, outcomes_big = run_script(big)
-    (batches_big,), = query(big.dsn, "SELECT count(*) FROM batchscheduler.batches")
+    ((batches_big,),) = query(big.dsn, "SELECT count(*) FROM batchscheduler.batches")
     assert batches_small > 3 * batches_big  # really cut differently
     assert states_small == states_big
     assert outcomes_small == outcomes_big
@@ -56,15 +64,23 @@ def test_same_intents_cut_differently_give_identical_state(engine_factory):
 
 
 def test_replay_agrees_with_live_state(engine):
-    states, _ = run_script(engine)
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "replay"), "--dsn", engine.dsn],
-                          capture_output=True, text=True, timeout=120)
+    run_script(engine)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "replay"), "--dsn", engine.dsn],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "identical" in proc.stdout
     # Tamper with the live table: replay must notice.
     execute(engine.dsn, "UPDATE batchscheduler.entities SET state = state || '{\"hp\": 999}' WHERE id = 'e3'")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "replay"), "--dsn", engine.dsn],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "replay"), "--dsn", engine.dsn],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "entity e3" in proc.stdout and "999" in proc.stdout
 
@@ -86,7 +102,8 @@ def test_poison_intent_in_a_batch_of_857_dead_letters_alone(engine_factory):
 
 
 def test_user_handlers_from_an_entry_point(engine_factory, short_tmp):
-    (short_tmp / "mygame.py").write_text(textwrap.dedent("""
+    (short_tmp / "mygame.py").write_text(
+        textwrap.dedent("""
         from engine.handlers import BUILTIN, Op, HandlerError
 
         def cast(intent):
@@ -97,17 +114,21 @@ def test_user_handlers_from_an_entry_point(engine_factory, short_tmp):
                     Op(intent.entity, "spells", "append", intent.args.get("spell", "?"), bound=3)]
 
         REGISTRY = BUILTIN.extend({"cast": cast})
-    """))
+    """)
+    )
     eng = engine_factory("--handlers", "mygame:REGISTRY", env={"PYTHONPATH": str(short_tmp)})
     with Client(eng.socket, client_id="mage", first_seq=1) as client:
-        replies = client.submit_many([
-            client.intent("merlin", "spawn", {"state": {"stats": {"mana": 10}}}),
-            client.intent("merlin", "cast", {"mana": 4, "spell": "light"}),
-            client.intent("merlin", "cast", {"mana": "lots"}),
-            client.intent("merlin", "fly", {}),
-        ])
+        replies = client.submit_many(
+            [
+                client.intent("merlin", "spawn", {"state": {"stats": {"mana": 10}}}),
+                client.intent("merlin", "cast", {"mana": 4, "spell": "light"}),
+                client.intent("merlin", "cast", {"mana": "lots"}),
+                client.intent("merlin", "fly", {}),
+            ]
+        )
     assert [r.status for r in replies] == [COMMITTED, COMMITTED, DEAD_LETTERED, "rejected"]
     assert replies[2].reason == "HandlerError: args.mana must be an integer"
     assert replies[3].code == "unknown_kind" and "cast" in replies[3].reason
-    assert query(eng.dsn, "SELECT state FROM batchscheduler.entities") == \
-        [({"stats": {"mana": 6}, "spells": ["light"]},)]
+    assert query(eng.dsn, "SELECT state FROM batchscheduler.entities") == [
+        ({"stats": {"mana": 6}, "spells": ["light"]},)
+    ]

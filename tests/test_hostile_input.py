@@ -35,15 +35,14 @@ from pathlib import Path
 import msgspec
 import psycopg
 import pytest
-
 from conftest import query, start_engine, wait_for
 
-MAX_FRAME = 65536          # the engine's default max_frame_bytes
-REPLY_TIMEOUT = 10.0       # a reply (even one waiting for a commit) comes far sooner
+MAX_FRAME = 65536  # the engine's default max_frame_bytes
+REPLY_TIMEOUT = 10.0  # a reply (even one waiting for a commit) comes far sooner
 REPLY_FIELDS = {"client_id", "seq", "status", "code", "reason", "duplicate"}
 STATUSES = {"committed", "dead_lettered", "rejected", "busy"}
-ANY = object()             # "don't care" for an echoed client_id/seq
-DROP = object()            # "leave this field out" in intent()
+ANY = object()  # "don't care" for an echoed client_id/seq
+DROP = object()  # "leave this field out" in intent()
 
 _SEQ = itertools.count(1)  # fresh seqs for every good intent in the module
 
@@ -83,14 +82,12 @@ def intent(**changes) -> dict:
 
 def raw_intent_json(args: bytes, client_id: bytes = b'"hostile"') -> bytes:
     """A JSON intent line with hand-written bytes for ``args``."""
-    return (b'{"client_id":' + client_id + b',"seq":7,"entity":"orc","kind":"spawn","args":'
-            + args + b"}\n")
+    return b'{"client_id":' + client_id + b',"seq":7,"entity":"orc","kind":"spawn","args":' + args + b"}\n"
 
 
 def raw_intent_msgpack(args: bytes, client_id: bytes = b"\xa7hostile") -> bytes:
     """A MessagePack intent frame with hand-written bytes for ``args``."""
-    return frame(b"\x85\xa9client_id" + client_id + b"\xa3seq\x07\xa6entity\xa3orc"
-                 b"\xa4kind\xa5spawn\xa4args" + args)
+    return frame(b"\x85\xa9client_id" + client_id + b"\xa3seq\x07\xa6entity\xa3orc\xa4kind\xa5spawn\xa4args" + args)
 
 
 # ----------------------------------------------------------------- sockets
@@ -133,17 +130,17 @@ class Peer:
         """Exactly one reply, in the connection's framing."""
         try:
             if self.framing == "msgpack":
-                n, = struct.unpack(">I", self._take(4))
+                (n,) = struct.unpack(">I", self._take(4))
                 return msgspec.msgpack.decode(self._take(n))
             while b"\n" not in self.buf:
                 self._fill()
             nl = self.buf.index(b"\n")
             text = bytes(self.buf[:nl])
-            del self.buf[:nl + 1]
+            del self.buf[: nl + 1]
             return json.loads(text)
         except EOFError as exc:
             raise AssertionError(f"no reply: {exc}") from None
-        except socket.timeout:
+        except TimeoutError:
             raise AssertionError(f"no reply within {self.sock.gettimeout()} s") from None
 
     def submit(self, obj: dict) -> dict:
@@ -161,7 +158,7 @@ class Peer:
                 self._fill()
         except EOFError:
             pass
-        except socket.timeout:
+        except TimeoutError:
             raise AssertionError(f"connection still open after {timeout} s") from None
         assert not self.buf, f"unexpected bytes before close: {bytes(self.buf[:200])!r}"
 
@@ -172,7 +169,7 @@ class Peer:
         try:
             self._fill()
             return False
-        except socket.timeout:
+        except TimeoutError:
             return True
         finally:
             self.sock.settimeout(old)
@@ -258,8 +255,13 @@ class Harness:
 
     def good_intent(self, client: str = "good") -> dict:
         seq = next(_SEQ)
-        return {"client_id": client, "seq": seq, "entity": f"{client}-{seq}", "kind": "spawn",
-                "args": {"state": {"hp": 10}}}
+        return {
+            "client_id": client,
+            "seq": seq,
+            "entity": f"{client}-{seq}",
+            "kind": "spawn",
+            "args": {"state": {"hp": 10}},
+        }
 
     def submit_good(self, p: Peer, client: str = "good") -> dict:
         obj = self.good_intent(client)
@@ -319,8 +321,9 @@ def h(shared_engine, shared_db):
     harness.close()
 
 
-def check_contained(h: Harness, data: bytes, code, stays_open: bool, client_id=None, seq=None,
-                    reason: str | None = None) -> None:
+def check_contained(
+    h: Harness, data: bytes, code, stays_open: bool, client_id=None, seq=None, reason: str | None = None
+) -> None:
     """The core property: ``data`` on its own connection gets one documented
     rejection, the connection is closed or still usable as documented, and
     nobody else notices."""
@@ -339,25 +342,31 @@ FRAMINGS = pytest.mark.parametrize("framing", ["msgpack", "json"])
 
 
 # ==================================================================== framing
-@pytest.mark.parametrize("data", [
-    pytest.param(b"GET / HTTP/1.1\r\nHost: engine\r\n\r\n", id="http_request"),
-    pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", id="tls_client_hello"),
-    pytest.param(b"\x01\x00\x00\x00\x05hello", id="msgpack_length_with_nonzero_first_byte"),
-    pytest.param(b"\xff\xfe\xfd", id="high_bytes"),
-    pytest.param(b'[{"client_id":"hostile","seq":7}]\n', id="json_array_as_first_line"),
-    pytest.param(b"7\n", id="json_number_as_first_line"),
-    pytest.param(b'"intent"\n', id="json_string_as_first_line"),
-    pytest.param(b"\x7f", id="del_byte"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nHost: engine\r\n\r\n", id="http_request"),
+        pytest.param(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", id="tls_client_hello"),
+        pytest.param(b"\x01\x00\x00\x00\x05hello", id="msgpack_length_with_nonzero_first_byte"),
+        pytest.param(b"\xff\xfe\xfd", id="high_bytes"),
+        pytest.param(b'[{"client_id":"hostile","seq":7}]\n', id="json_array_as_first_line"),
+        pytest.param(b"7\n", id="json_number_as_first_line"),
+        pytest.param(b'"intent"\n', id="json_string_as_first_line"),
+        pytest.param(b"\x7f", id="del_byte"),
+    ],
+)
 def test_garbage_first_byte_gets_one_bad_framing_json_line_then_only_that_connection_closes(h, data):
     check_contained(h, data, "bad_framing", stays_open=False)
 
 
 # ================================================================== msgpack
-@pytest.mark.parametrize("data", [
-    pytest.param(struct.pack(">I", MAX_FRAME + 1) + b"\x80" * 16, id="one_byte_over_limit"),
-    pytest.param(b"\x00\xff\xff\xff", id="16MiB_length"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(struct.pack(">I", MAX_FRAME + 1) + b"\x80" * 16, id="one_byte_over_limit"),
+        pytest.param(b"\x00\xff\xff\xff", id="16MiB_length"),
+    ],
+)
 def test_oversized_msgpack_frame_gets_frame_too_large_then_only_that_connection_closes(h, data):
     check_contained(h, data, "frame_too_large", stays_open=False)
 
@@ -398,150 +407,183 @@ def test_zero_length_msgpack_frame_is_malformed_and_connection_stays_open(h):
     check_contained(h, b"\x00\x00\x00\x00", "malformed", stays_open=True)
 
 
-@pytest.mark.parametrize("payload", [
-    pytest.param(b"\xc1", id="reserved_opcode"),
-    pytest.param(b"\x85\xa9client_id", id="truncated_map"),
-    pytest.param(msgspec.msgpack.encode(HOSTILE) + b"\xc0", id="trailing_bytes"),
-    pytest.param(b"\xdf\xff\xff\xff\xff", id="map32_claiming_4G_entries"),
-    pytest.param(b"\xdb\xff\xff\xff\xff", id="str32_claiming_4GiB"),
-    pytest.param(b"\xd6\xff\x00", id="truncated_timestamp_ext"),
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"\xc1", id="reserved_opcode"),
+        pytest.param(b"\x85\xa9client_id", id="truncated_map"),
+        pytest.param(msgspec.msgpack.encode(HOSTILE) + b"\xc0", id="trailing_bytes"),
+        pytest.param(b"\xdf\xff\xff\xff\xff", id="map32_claiming_4G_entries"),
+        pytest.param(b"\xdb\xff\xff\xff\xff", id="str32_claiming_4GiB"),
+        pytest.param(b"\xd6\xff\x00", id="truncated_timestamp_ext"),
+    ],
+)
 def test_bytes_that_are_not_msgpack_are_malformed_and_connection_stays_open(h, payload):
     check_contained(h, frame(payload), "malformed", stays_open=True)
 
 
-@pytest.mark.parametrize("value", [
-    pytest.param([1, 2], id="array"),
-    pytest.param([HOSTILE], id="array_of_intent"),
-    pytest.param(5, id="int"),
-    pytest.param("intent", id="str"),
-    pytest.param(None, id="nil"),
-    pytest.param(True, id="bool"),
-    pytest.param(b"\x00", id="bin"),
-    pytest.param(msgspec.msgpack.Ext(5, b"x"), id="ext"),
-    pytest.param({1: "x"}, id="map_with_int_key"),
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param([1, 2], id="array"),
+        pytest.param([HOSTILE], id="array_of_intent"),
+        pytest.param(5, id="int"),
+        pytest.param("intent", id="str"),
+        pytest.param(None, id="nil"),
+        pytest.param(True, id="bool"),
+        pytest.param(b"\x00", id="bin"),
+        pytest.param(msgspec.msgpack.Ext(5, b"x"), id="ext"),
+        pytest.param({1: "x"}, id="map_with_int_key"),
+    ],
+)
 def test_msgpack_value_that_is_not_a_string_keyed_map_is_invalid(h, value):
     check_contained(h, pack(value), "invalid", stays_open=True)
 
 
-@pytest.mark.parametrize("changes, client_id, seq", [
-    pytest.param({"client_id": b"hostile"}, None, 7, id="client_id_bin"),
-    pytest.param({"seq": 7.0}, "hostile", None, id="seq_float64"),
-    pytest.param({"seq": msgspec.msgpack.Ext(1, b"\x07")}, "hostile", None, id="seq_ext"),
-    pytest.param({"args": {1: 2}}, "hostile", 7, id="args_int_key"),
-    pytest.param({"kind": b"spawn"}, "hostile", 7, id="kind_bin"),
-])
+@pytest.mark.parametrize(
+    "changes, client_id, seq",
+    [
+        pytest.param({"client_id": b"hostile"}, None, 7, id="client_id_bin"),
+        pytest.param({"seq": 7.0}, "hostile", None, id="seq_float64"),
+        pytest.param({"seq": msgspec.msgpack.Ext(1, b"\x07")}, "hostile", None, id="seq_ext"),
+        pytest.param({"args": {1: 2}}, "hostile", 7, id="args_int_key"),
+        pytest.param({"kind": b"spawn"}, "hostile", 7, id="kind_bin"),
+    ],
+)
 def test_msgpack_only_wrong_types_are_invalid(h, changes, client_id, seq):
     check_contained(h, pack(intent(**changes)), "invalid", True, client_id, seq)
 
 
-@pytest.mark.parametrize("data, client_id, seq", [
-    # client_id itself is unreadable, so nothing may be echoed reliably
-    pytest.param(frame(b"\x84\xa9client_id\xa2\xff\xfe\xa3seq\x07\xa6entity\xa3orc\xa4kind\xa5spawn"),
-                 None, ANY, id="client_id"),
-    pytest.param(raw_intent_msgpack(b"\x81\xa5state\x81\xa1t\xa3\xed\xa0\x80"), "hostile", 7,
-                 id="args_value_surrogate"),
-    pytest.param(raw_intent_msgpack(b"\x81\xa5state\x81\xa2\xc0\xae\x01"), "hostile", 7, id="args_key_overlong"),
-])
+@pytest.mark.parametrize(
+    "data, client_id, seq",
+    [
+        # client_id itself is unreadable, so nothing may be echoed reliably
+        pytest.param(
+            frame(b"\x84\xa9client_id\xa2\xff\xfe\xa3seq\x07\xa6entity\xa3orc\xa4kind\xa5spawn"),
+            None,
+            ANY,
+            id="client_id",
+        ),
+        pytest.param(
+            raw_intent_msgpack(b"\x81\xa5state\x81\xa1t\xa3\xed\xa0\x80"), "hostile", 7, id="args_value_surrogate"
+        ),
+        pytest.param(raw_intent_msgpack(b"\x81\xa5state\x81\xa2\xc0\xae\x01"), "hostile", 7, id="args_key_overlong"),
+    ],
+)
 def test_msgpack_string_that_is_not_utf8_is_malformed_and_connection_stays_open(h, data, client_id, seq):
     check_contained(h, data, "malformed", True, client_id, seq, reason="a string is not valid UTF-8")
 
 
-@pytest.mark.parametrize("args", [
-    pytest.param(b"\x81\xa5state\x81\xa1x\xd4\x05\x01", id="ext_value"),
-    pytest.param(b"\x81\xa5state\x81\xc0\x01", id="nil_key"),
-    pytest.param(b"\x81\xa5state\x81\x92\x01\x02\x01", id="array_key"),
-    pytest.param(b"\x81\xa5state\x81\xc3\x01", id="bool_key"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(b"\x81\xa5state\x81\xa1x\xd4\x05\x01", id="ext_value"),
+        pytest.param(b"\x81\xa5state\x81\xc0\x01", id="nil_key"),
+        pytest.param(b"\x81\xa5state\x81\x92\x01\x02\x01", id="array_key"),
+        pytest.param(b"\x81\xa5state\x81\xc3\x01", id="bool_key"),
+    ],
+)
 def test_msgpack_args_json_cannot_hold_are_invalid_and_connection_stays_open(h, args):
-    check_contained(h, raw_intent_msgpack(args), "invalid", True, "hostile", 7,
-                    reason="args cannot be stored as JSON")
+    check_contained(h, raw_intent_msgpack(args), "invalid", True, "hostile", 7, reason="args cannot be stored as JSON")
 
 
 def test_msgpack_args_with_a_map_as_key_are_malformed_by_the_decoder_and_connection_stays_open(h):
-    check_contained(h, raw_intent_msgpack(b"\x81\xa5state\x81\x81\xa1k\x01\x01"), "malformed", True,
-                    ANY, ANY)
+    check_contained(h, raw_intent_msgpack(b"\x81\xa5state\x81\x81\xa1k\x01\x01"), "malformed", True, ANY, ANY)
 
 
 # ================================================ field rules (both framings)
 @FRAMINGS
-@pytest.mark.parametrize("changes, client_id, seq", [
-    pytest.param({"client_id": 5}, None, 7, id="client_id_int"),
-    pytest.param({"client_id": None}, None, 7, id="client_id_null"),
-    pytest.param({"client_id": ["hostile"]}, None, 7, id="client_id_array"),
-    pytest.param({"client_id": True}, None, 7, id="client_id_bool"),
-    pytest.param({"seq": "7"}, "hostile", None, id="seq_string"),
-    pytest.param({"seq": 7.5}, "hostile", None, id="seq_float"),
-    pytest.param({"seq": True}, "hostile", None, id="seq_bool"),
-    pytest.param({"seq": None}, "hostile", None, id="seq_null"),
-    pytest.param({"seq": [7]}, "hostile", None, id="seq_array"),
-    pytest.param({"entity": 5}, "hostile", 7, id="entity_int"),
-    pytest.param({"entity": None}, "hostile", 7, id="entity_null"),
-    pytest.param({"entity": {"id": "orc"}}, "hostile", 7, id="entity_map"),
-    pytest.param({"kind": 1}, "hostile", 7, id="kind_int"),
-    pytest.param({"kind": ["spawn"]}, "hostile", 7, id="kind_array"),
-    pytest.param({"args": []}, "hostile", 7, id="args_array"),
-    pytest.param({"args": "state"}, "hostile", 7, id="args_string"),
-    pytest.param({"args": 3}, "hostile", 7, id="args_int"),
-    pytest.param({"args": None}, "hostile", 7, id="args_null"),
-])
+@pytest.mark.parametrize(
+    "changes, client_id, seq",
+    [
+        pytest.param({"client_id": 5}, None, 7, id="client_id_int"),
+        pytest.param({"client_id": None}, None, 7, id="client_id_null"),
+        pytest.param({"client_id": ["hostile"]}, None, 7, id="client_id_array"),
+        pytest.param({"client_id": True}, None, 7, id="client_id_bool"),
+        pytest.param({"seq": "7"}, "hostile", None, id="seq_string"),
+        pytest.param({"seq": 7.5}, "hostile", None, id="seq_float"),
+        pytest.param({"seq": True}, "hostile", None, id="seq_bool"),
+        pytest.param({"seq": None}, "hostile", None, id="seq_null"),
+        pytest.param({"seq": [7]}, "hostile", None, id="seq_array"),
+        pytest.param({"entity": 5}, "hostile", 7, id="entity_int"),
+        pytest.param({"entity": None}, "hostile", 7, id="entity_null"),
+        pytest.param({"entity": {"id": "orc"}}, "hostile", 7, id="entity_map"),
+        pytest.param({"kind": 1}, "hostile", 7, id="kind_int"),
+        pytest.param({"kind": ["spawn"]}, "hostile", 7, id="kind_array"),
+        pytest.param({"args": []}, "hostile", 7, id="args_array"),
+        pytest.param({"args": "state"}, "hostile", 7, id="args_string"),
+        pytest.param({"args": 3}, "hostile", 7, id="args_int"),
+        pytest.param({"args": None}, "hostile", 7, id="args_null"),
+    ],
+)
 def test_field_of_wrong_type_is_invalid_and_connection_stays_open(h, framing, changes, client_id, seq):
     check_contained(h, encode(intent(**changes), framing), "invalid", True, client_id, seq)
 
 
 @FRAMINGS
-@pytest.mark.parametrize("obj, client_id, seq", [
-    pytest.param(intent(client_id=DROP), None, 7, id="no_client_id"),
-    pytest.param(intent(seq=DROP), "hostile", None, id="no_seq"),
-    pytest.param(intent(entity=DROP), "hostile", 7, id="no_entity"),
-    pytest.param(intent(kind=DROP), "hostile", 7, id="no_kind"),
-    pytest.param({}, None, None, id="empty_object"),
-])
+@pytest.mark.parametrize(
+    "obj, client_id, seq",
+    [
+        pytest.param(intent(client_id=DROP), None, 7, id="no_client_id"),
+        pytest.param(intent(seq=DROP), "hostile", None, id="no_seq"),
+        pytest.param(intent(entity=DROP), "hostile", 7, id="no_entity"),
+        pytest.param(intent(kind=DROP), "hostile", 7, id="no_kind"),
+        pytest.param({}, None, None, id="empty_object"),
+    ],
+)
 def test_missing_field_is_invalid_and_connection_stays_open(h, framing, obj, client_id, seq):
     check_contained(h, encode(obj, framing), "invalid", True, client_id, seq)
 
 
 @FRAMINGS
-@pytest.mark.parametrize("obj, client_id, seq", [
-    pytest.param(intent(extra=1), "hostile", 7, id="extra_field"),
-    pytest.param(intent(op="health"), "hostile", 7, id="intent_with_op"),
-    pytest.param({"op": "shutdown"}, None, None, id="unknown_control_op"),
-    pytest.param({"op": "health", "verbose": True}, None, None, id="control_op_with_extra_field"),
-])
+@pytest.mark.parametrize(
+    "obj, client_id, seq",
+    [
+        pytest.param(intent(extra=1), "hostile", 7, id="extra_field"),
+        pytest.param(intent(op="health"), "hostile", 7, id="intent_with_op"),
+        pytest.param({"op": "shutdown"}, None, None, id="unknown_control_op"),
+        pytest.param({"op": "health", "verbose": True}, None, None, id="control_op_with_extra_field"),
+    ],
+)
 def test_unknown_extra_field_is_invalid_and_connection_stays_open(h, framing, obj, client_id, seq):
     check_contained(h, encode(obj, framing), "invalid", True, client_id, seq)
 
 
 @FRAMINGS
-@pytest.mark.parametrize("changes, client_id, seq", [
-    pytest.param({"seq": -1}, "hostile", -1, id="seq_negative"),
-    pytest.param({"seq": -(2 ** 63)}, "hostile", -(2 ** 63), id="seq_int64_min"),
-    pytest.param({"seq": 2 ** 63}, "hostile", 2 ** 63, id="seq_2_pow_63"),
-    pytest.param({"seq": 2 ** 64 - 1}, "hostile", 2 ** 64 - 1, id="seq_uint64_max"),
-    pytest.param({"client_id": ""}, "", 7, id="client_id_empty"),
-    pytest.param({"client_id": "c" * 65}, "c" * 65, 7, id="client_id_65_chars"),
-    pytest.param({"client_id": "c" * 10_000}, "c" * 10_000, 7, id="client_id_10k_chars"),
-    pytest.param({"entity": ""}, "hostile", 7, id="entity_empty"),
-    pytest.param({"entity": "e" * 129}, "hostile", 7, id="entity_129_chars"),
-    pytest.param({"kind": ""}, "hostile", 7, id="kind_empty"),
-    pytest.param({"kind": "k" * 33}, "hostile", 7, id="kind_33_chars"),
-])
+@pytest.mark.parametrize(
+    "changes, client_id, seq",
+    [
+        pytest.param({"seq": -1}, "hostile", -1, id="seq_negative"),
+        pytest.param({"seq": -(2**63)}, "hostile", -(2**63), id="seq_int64_min"),
+        pytest.param({"seq": 2**63}, "hostile", 2**63, id="seq_2_pow_63"),
+        pytest.param({"seq": 2**64 - 1}, "hostile", 2**64 - 1, id="seq_uint64_max"),
+        pytest.param({"client_id": ""}, "", 7, id="client_id_empty"),
+        pytest.param({"client_id": "c" * 65}, "c" * 65, 7, id="client_id_65_chars"),
+        pytest.param({"client_id": "c" * 10_000}, "c" * 10_000, 7, id="client_id_10k_chars"),
+        pytest.param({"entity": ""}, "hostile", 7, id="entity_empty"),
+        pytest.param({"entity": "e" * 129}, "hostile", 7, id="entity_129_chars"),
+        pytest.param({"kind": ""}, "hostile", 7, id="kind_empty"),
+        pytest.param({"kind": "k" * 33}, "hostile", 7, id="kind_33_chars"),
+    ],
+)
 def test_out_of_range_value_is_invalid_and_connection_stays_open(h, framing, changes, client_id, seq):
     check_contained(h, encode(intent(**changes), framing), "invalid", True, client_id, seq)
 
 
 @FRAMINGS
-@pytest.mark.parametrize("changes, code, client_id", [
-    pytest.param({"client_id": "host\x00ile"}, "invalid", "host\x00ile", id="client_id"),
-    pytest.param({"client_id": "\x00"}, "invalid", "\x00", id="client_id_only_nul"),
-    pytest.param({"entity": "o\x00rc"}, "invalid", "hostile", id="entity"),
-    pytest.param({"args": {"state": {"name": "a\x00b"}}}, "invalid", "hostile", id="args_value"),
-    pytest.param({"args": {"state": {"na\x00me": 1}}}, "invalid", "hostile", id="args_key"),
-    pytest.param({"args": {"\x00": {}}}, "invalid", "hostile", id="args_top_key"),
-    pytest.param({"args": {"state": {"inv": ["ok", ["\x00"]]}}}, "invalid", "hostile", id="args_nested_list"),
-    pytest.param({"kind": "spawn\x00"}, "unknown_kind", "hostile", id="kind"),
-])
+@pytest.mark.parametrize(
+    "changes, code, client_id",
+    [
+        pytest.param({"client_id": "host\x00ile"}, "invalid", "host\x00ile", id="client_id"),
+        pytest.param({"client_id": "\x00"}, "invalid", "\x00", id="client_id_only_nul"),
+        pytest.param({"entity": "o\x00rc"}, "invalid", "hostile", id="entity"),
+        pytest.param({"args": {"state": {"name": "a\x00b"}}}, "invalid", "hostile", id="args_value"),
+        pytest.param({"args": {"state": {"na\x00me": 1}}}, "invalid", "hostile", id="args_key"),
+        pytest.param({"args": {"\x00": {}}}, "invalid", "hostile", id="args_top_key"),
+        pytest.param({"args": {"state": {"inv": ["ok", ["\x00"]]}}}, "invalid", "hostile", id="args_nested_list"),
+        pytest.param({"kind": "spawn\x00"}, "unknown_kind", "hostile", id="kind"),
+    ],
+)
 def test_nul_inside_a_string_is_rejected_and_connection_stays_open(h, framing, changes, code, client_id):
     check_contained(h, encode(intent(**changes), framing), code, True, client_id, 7)
 
@@ -552,13 +594,16 @@ def test_unknown_kind_is_rejected_naming_the_intent_and_connection_stays_open(h,
     check_contained(h, encode(intent(kind=kind), framing), "unknown_kind", True, "hostile", 7)
 
 
-@pytest.mark.parametrize("data", [
-    pytest.param(raw_intent_msgpack(b"\x81\xa1a" + b"\x91" * 9_999 + b"\x90"), id="msgpack_10k_arrays"),
-    pytest.param(raw_intent_msgpack(b"\x81\xa1a" * 10_000 + b"\x80"), id="msgpack_10k_maps"),
-    pytest.param(raw_intent_json(b'{"a":' + b"[" * 10_000 + b"]" * 10_000 + b"}"), id="json_10k_arrays"),
-    pytest.param(raw_intent_json(b'{"a":' * 10_000 + b"1" + b"}" * 10_000), id="json_10k_objects"),
-    pytest.param(raw_intent_msgpack(b"\x81\xa1a" + b"\x91" * 60_000 + b"\x90"), id="msgpack_60k_arrays"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(raw_intent_msgpack(b"\x81\xa1a" + b"\x91" * 9_999 + b"\x90"), id="msgpack_10k_arrays"),
+        pytest.param(raw_intent_msgpack(b"\x81\xa1a" * 10_000 + b"\x80"), id="msgpack_10k_maps"),
+        pytest.param(raw_intent_json(b'{"a":' + b"[" * 10_000 + b"]" * 10_000 + b"}"), id="json_10k_arrays"),
+        pytest.param(raw_intent_json(b'{"a":' * 10_000 + b"1" + b"}" * 10_000), id="json_10k_objects"),
+        pytest.param(raw_intent_msgpack(b"\x81\xa1a" + b"\x91" * 60_000 + b"\x90"), id="msgpack_60k_arrays"),
+    ],
+)
 def test_deeply_nested_args_are_malformed_not_a_crash_of_the_ingest(h, data):
     assert len(data) <= MAX_FRAME + 5
     check_contained(h, data, "malformed", stays_open=True)
@@ -605,8 +650,12 @@ def test_args_nested_just_below_the_decoder_limit_are_invalid_at_ingest_and_batc
     # shallow enough for the decoder: the ingest's own depth rule refuses it.
     bystanders = h.bystanders()
     seq = next(_SEQ)
-    deep = (b'{"client_id":"deep","seq":%d,"entity":"deep-%d","kind":"spawn","args":{"state":{"a":'
-            % (seq, seq) + b"[" * 900 + b"]" * 900 + b"}}}\n")
+    deep = (
+        b'{"client_id":"deep","seq":%d,"entity":"deep-%d","kind":"spawn","args":{"state":{"a":' % (seq, seq)
+        + b"[" * 900
+        + b"]" * 900
+        + b"}}}\n"
+    )
     bad = h.peer()
     bad.send(deep)
     # Neighbours in the same batch window.
@@ -623,66 +672,83 @@ def test_args_nested_just_below_the_decoder_limit_are_invalid_at_ingest_and_batc
 
 
 # =============================================================== JSON lines
-@pytest.mark.parametrize("data", [
-    pytest.param(b"{not json}\n", id="bare_words"),
-    pytest.param(b'{"client_id":"hostile",\n', id="unterminated_object"),
-    pytest.param(line(HOSTILE)[:-1] + b"}\n", id="valid_intent_then_trailing_brace"),
-    pytest.param(line(HOSTILE)[:-1] + b" {}\n", id="two_objects_on_one_line"),
-    pytest.param(b"{'client_id':'hostile'}\n", id="single_quotes"),
-    pytest.param(b'{"client_id":"hostile","seq":NaN}\n', id="nan"),
-    pytest.param(b'{"client_id":"hostile","seq":07}\n', id="leading_zero"),
-    pytest.param(b'{"client_id":"a\x00b","seq":7}\n', id="raw_nul_byte_in_string"),
-    pytest.param(b'{"client_id":"a\x01b","seq":7}\n', id="raw_control_char_in_string"),
-    pytest.param(b'{"client_id":"\\x41","seq":7}\n', id="bad_escape"),
-    pytest.param(raw_intent_json(b'{"state":{"t":"\\ud800"}}'), id="lone_high_surrogate_escape"),
-    pytest.param(raw_intent_json(b'{}', client_id=b'"\\udc00"'), id="lone_low_surrogate_client_id"),
-    pytest.param(b"\r\n\t {\n", id="whitespace_then_lone_brace"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"{not json}\n", id="bare_words"),
+        pytest.param(b'{"client_id":"hostile",\n', id="unterminated_object"),
+        pytest.param(line(HOSTILE)[:-1] + b"}\n", id="valid_intent_then_trailing_brace"),
+        pytest.param(line(HOSTILE)[:-1] + b" {}\n", id="two_objects_on_one_line"),
+        pytest.param(b"{'client_id':'hostile'}\n", id="single_quotes"),
+        pytest.param(b'{"client_id":"hostile","seq":NaN}\n', id="nan"),
+        pytest.param(b'{"client_id":"hostile","seq":07}\n', id="leading_zero"),
+        pytest.param(b'{"client_id":"a\x00b","seq":7}\n', id="raw_nul_byte_in_string"),
+        pytest.param(b'{"client_id":"a\x01b","seq":7}\n', id="raw_control_char_in_string"),
+        pytest.param(b'{"client_id":"\\x41","seq":7}\n', id="bad_escape"),
+        pytest.param(raw_intent_json(b'{"state":{"t":"\\ud800"}}'), id="lone_high_surrogate_escape"),
+        pytest.param(raw_intent_json(b"{}", client_id=b'"\\udc00"'), id="lone_low_surrogate_client_id"),
+        pytest.param(b"\r\n\t {\n", id="whitespace_then_lone_brace"),
+    ],
+)
 def test_invalid_json_line_is_malformed_and_connection_stays_open(h, data):
     check_contained(h, data, "malformed", stays_open=True)
 
 
-@pytest.mark.parametrize("data", [
-    pytest.param(b'{\xff}\n', id="outside_strings"),
-    pytest.param(line(HOSTILE)[:-1] + b" \xc3\n", id="truncated_sequence_after_object"),
-    pytest.param(b'{"client_id":"\xff\xfe","seq":7,"entity":"orc","kind":"spawn"}\n', id="client_id"),
-    pytest.param(raw_intent_json(b'{"state":{"t":"\xc0\xae"}}'), id="overlong_encoding_in_args"),
-    pytest.param(raw_intent_json(b'{"state":{"t":"\xed\xa0\x80"}}'), id="encoded_surrogate_in_args"),
-    pytest.param(b'{"client_id":"hostile","seq":7,"entity":"orc","kind":"fly","args":{"t":"\xff"}}\n',
-                 id="in_args_of_unknown_kind"),
-    pytest.param(b'{"op":"\xff"}\n', id="control_op"),
-    pytest.param(b'{"seq":"7","client_id":"\xff"}\n', id="after_a_field_of_wrong_type"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"{\xff}\n", id="outside_strings"),
+        pytest.param(line(HOSTILE)[:-1] + b" \xc3\n", id="truncated_sequence_after_object"),
+        pytest.param(b'{"client_id":"\xff\xfe","seq":7,"entity":"orc","kind":"spawn"}\n', id="client_id"),
+        pytest.param(raw_intent_json(b'{"state":{"t":"\xc0\xae"}}'), id="overlong_encoding_in_args"),
+        pytest.param(raw_intent_json(b'{"state":{"t":"\xed\xa0\x80"}}'), id="encoded_surrogate_in_args"),
+        pytest.param(
+            b'{"client_id":"hostile","seq":7,"entity":"orc","kind":"fly","args":{"t":"\xff"}}\n',
+            id="in_args_of_unknown_kind",
+        ),
+        pytest.param(b'{"op":"\xff"}\n', id="control_op"),
+        pytest.param(b'{"seq":"7","client_id":"\xff"}\n', id="after_a_field_of_wrong_type"),
+    ],
+)
 def test_non_utf8_json_line_is_not_utf8_and_connection_stays_open(h, data):
     check_contained(h, data, "not_utf8", True, ANY, ANY)
 
 
-@pytest.mark.parametrize("args", [
-    pytest.param(b'{"state":{"t":"\xc0\xae"}}', id="overlong_encoding"),
-    pytest.param(b'{"state":{"t":"\xed\xa0\x80"}}', id="encoded_surrogate"),
-    pytest.param(b'{"state":{"\xff":1}}', id="in_a_key"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(b'{"state":{"t":"\xc0\xae"}}', id="overlong_encoding"),
+        pytest.param(b'{"state":{"t":"\xed\xa0\x80"}}', id="encoded_surrogate"),
+        pytest.param(b'{"state":{"\xff":1}}', id="in_a_key"),
+    ],
+)
 def test_non_utf8_string_in_json_args_still_echoes_the_readable_client_id_and_seq(h, args):
     check_contained(h, raw_intent_json(args), "not_utf8", True, "hostile", 7, reason="a string is not valid UTF-8")
 
 
-@pytest.mark.parametrize("data", [
-    pytest.param(b" [1,2]\n", id="array"),
-    pytest.param(b"\n" + line([HOSTILE]), id="array_of_intent"),
-    pytest.param(b" 5\n", id="number"),
-    pytest.param(b' "intent"\n', id="string"),
-    pytest.param(b" null\n", id="null"),
-    pytest.param(b" true\n", id="bool"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b" [1,2]\n", id="array"),
+        pytest.param(b"\n" + line([HOSTILE]), id="array_of_intent"),
+        pytest.param(b" 5\n", id="number"),
+        pytest.param(b' "intent"\n', id="string"),
+        pytest.param(b" null\n", id="null"),
+        pytest.param(b" true\n", id="bool"),
+    ],
+)
 def test_json_value_that_is_not_an_object_is_invalid_and_connection_stays_open(h, data):
     check_contained(h, data, "invalid", stays_open=True)
 
 
-@pytest.mark.parametrize("data, seq", [
-    pytest.param(line(intent(seq=10 ** 30)), 10 ** 30, id="seq_beyond_uint64"),
-    pytest.param(line(intent(seq=7.0)), None, id="seq_float_integral"),
-    pytest.param(b'{"client_id":"hostile","seq":7e0,"entity":"orc","kind":"spawn"}\n', None, id="seq_exponent"),
-])
+@pytest.mark.parametrize(
+    "data, seq",
+    [
+        pytest.param(line(intent(seq=10**30)), 10**30, id="seq_beyond_uint64"),
+        pytest.param(line(intent(seq=7.0)), None, id="seq_float_integral"),
+        pytest.param(b'{"client_id":"hostile","seq":7e0,"entity":"orc","kind":"spawn"}\n', None, id="seq_exponent"),
+    ],
+)
 def test_json_number_that_is_not_a_valid_seq_is_invalid_and_connection_stays_open(h, data, seq):
     check_contained(h, data, "invalid", True, "hostile", seq)
 
@@ -695,8 +761,9 @@ def test_literal_backslash_u0000_text_is_not_mistaken_for_nul_and_commits(h):
     reply = p.submit(spawn)
     h.note(reply)
     assert reply["status"] == "committed", reply
-    assert h.sql("SELECT state->>'note' FROM batchscheduler.entities WHERE id = %s",
-                 (spawn["entity"],)) == [("\\u0000",)]
+    assert h.sql("SELECT state->>'note' FROM batchscheduler.entities WHERE id = %s", (spawn["entity"],)) == [
+        ("\\u0000",)
+    ]
     h.assert_unharmed(*bystanders)
 
 
@@ -719,7 +786,7 @@ def test_json_line_longer_than_max_frame_is_skipped_and_next_line_on_same_connec
     nxt = h.good_intent("next-line")
     step = len(too_long) // pieces + 1
     for start in range(0, len(too_long), step):
-        p.send(too_long[start:start + step])
+        p.send(too_long[start : start + step])
     p.send(b"\n" + line(nxt))
     assert_rejection(p.reply(), "frame_too_large")
     reply = p.reply()
@@ -795,15 +862,23 @@ def test_bad_frames_between_good_ones_on_one_connection_get_their_own_replies(h,
     bystanders = h.bystanders()
     goods = [h.good_intent("mixed") for _ in range(3)]
     bads = {
-        "msgpack": [(b"\x00\x00\x00\x00", "malformed"), (pack(intent(kind="fly")), "unknown_kind"),
-                    (frame(b"\xc1"), "malformed"), (pack(intent(seq=-1)), "invalid")],
-        "json": [(b"{nope}\n", "malformed"), (line(intent(kind="fly")), "unknown_kind"),
-                 (b"{\xff}\n", "not_utf8"), (b"\n\r\n", None), (line(intent(seq=-1)), "invalid")],
+        "msgpack": [
+            (b"\x00\x00\x00\x00", "malformed"),
+            (pack(intent(kind="fly")), "unknown_kind"),
+            (frame(b"\xc1"), "malformed"),
+            (pack(intent(seq=-1)), "invalid"),
+        ],
+        "json": [
+            (b"{nope}\n", "malformed"),
+            (line(intent(kind="fly")), "unknown_kind"),
+            (b"{\xff}\n", "not_utf8"),
+            (b"\n\r\n", None),
+            (line(intent(seq=-1)), "invalid"),
+        ],
     }[framing]
     # good, bad, good, bad, bad, ..., good -- all in one write
     wire_goods = [encode(x, framing) for x in goods]
-    data = (wire_goods[0] + bads[0][0] + wire_goods[1] + b"".join(bad for bad, _ in bads[1:])
-            + wire_goods[2])
+    data = wire_goods[0] + bads[0][0] + wire_goods[1] + b"".join(bad for bad, _ in bads[1:]) + wire_goods[2]
     p = h.peer()
     p.send(data)
     expected_codes = sorted(code for _, code in bads if code)
@@ -819,14 +894,19 @@ def test_bad_frames_between_good_ones_on_one_connection_get_their_own_replies(h,
 
 
 # ======================================================= disconnects, floods
-@pytest.mark.parametrize("data", [
-    pytest.param(b"\x00\x00", id="half_msgpack_length"),
-    pytest.param(pack(intent(client_id="half"))[:-3], id="msgpack_frame_missing_its_tail"),
-    pytest.param(struct.pack(">I", 1000) + msgspec.msgpack.encode(intent(client_id="half")),
-                 id="msgpack_length_longer_than_sent"),
-    pytest.param(line(intent(client_id="half"))[:-1], id="whole_json_object_without_newline"),
-    pytest.param(line(intent(client_id="half"))[:25], id="half_json_line"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"\x00\x00", id="half_msgpack_length"),
+        pytest.param(pack(intent(client_id="half"))[:-3], id="msgpack_frame_missing_its_tail"),
+        pytest.param(
+            struct.pack(">I", 1000) + msgspec.msgpack.encode(intent(client_id="half")),
+            id="msgpack_length_longer_than_sent",
+        ),
+        pytest.param(line(intent(client_id="half"))[:-1], id="whole_json_object_without_newline"),
+        pytest.param(line(intent(client_id="half"))[:25], id="half_json_line"),
+    ],
+)
 def test_half_a_frame_then_disconnect_stores_nothing_and_replies_nothing(h, data):
     bystanders = h.bystanders()
     p = h.peer()
@@ -848,8 +928,15 @@ def _metrics(eng) -> dict:
 def test_many_connections_opening_and_closing_rapidly_leave_the_engine_serving(h):
     bystanders = h.bystanders()
     rng = random.Random(7)
-    openers = [b"", b"\x00\x00", b'{"client_id":"rapid"', b"\xff", pack(intent(client_id="rapid"))[:-1],
-               b"\x00\xff\xff\xff", b"\n\n\n"]
+    openers = [
+        b"",
+        b"\x00\x00",
+        b'{"client_id":"rapid"',
+        b"\xff",
+        pack(intent(client_id="rapid"))[:-1],
+        b"\x00\xff\xff\xff",
+        b"\n\n\n",
+    ]
     for _ in range(4):
         burst = []
         for _ in range(100):
@@ -864,8 +951,11 @@ def test_many_connections_opening_and_closing_rapidly_leave_the_engine_serving(h
             s.close()
     # Every closed connection is forgotten: only the bystanders and the
     # metrics connection itself remain open.
-    wait_for(lambda: _metrics(h.engine)["ingests"][0]["connections_open"] == len(bystanders) + 1, 10,
-             "the ingest to forget closed connections")
+    wait_for(
+        lambda: _metrics(h.engine)["ingests"][0]["connections_open"] == len(bystanders) + 1,
+        10,
+        "the ingest to forget closed connections",
+    )
     h.assert_unharmed(*bystanders)
     assert not [k for k in h.stored() if k[0] == "rapid"]
 
@@ -893,6 +983,7 @@ def test_connections_beyond_max_connections_get_unavailable_and_existing_clients
                 return p.ping().get("status") == "ok"
             finally:
                 p.close()
+
         wait_for(accepted, 10, "a slot to free up")
         h.assert_unharmed(bystander)
     finally:
@@ -932,10 +1023,16 @@ class Owed:
         status = reply.get("status")
         if status == "rejected":
             codes = self.codes | self.buggy_codes if tolerate_known_bugs else self.codes
-            return (reply.get("code") in codes and _same(reply.get("client_id"), self.client_id)
-                    and _same(reply.get("seq"), self.seq))
-        return (status in STORED and self.may_store
-                and (reply.get("client_id"), reply.get("seq")) == (self.client_id, self.seq))
+            return (
+                reply.get("code") in codes
+                and _same(reply.get("client_id"), self.client_id)
+                and _same(reply.get("seq"), self.seq)
+            )
+        return (
+            status in STORED
+            and self.may_store
+            and (reply.get("client_id"), reply.get("seq")) == (self.client_id, self.seq)
+        )
 
 
 def rejected(*codes: str, client_id=None, seq=None) -> Owed:
@@ -951,8 +1048,7 @@ def _walk(value):
     stack = [value]
     while stack:
         node = stack.pop()
-        items = node.items() if isinstance(node, dict) else ((None, v) for v in node) \
-            if isinstance(node, list) else ()
+        items = node.items() if isinstance(node, dict) else ((None, v) for v in node) if isinstance(node, list) else ()
         for k, v in items:
             yield k, v
             stack.append(v)
@@ -1001,11 +1097,11 @@ def documented_reply(payload: bytes, packed: bool) -> Owed:
     seq_is_int = isinstance(seq, int) and not isinstance(seq, bool)
     echo_id = client_id if isinstance(client_id, str) else None
     echo_seq = seq if seq_is_int else None
-    codes: set[str] = set()   # rules certainly broken
-    maybe: set[str] = set()   # outcomes the README leaves open
+    codes: set[str] = set()  # rules certainly broken
+    maybe: set[str] = set()  # outcomes the README leaves open
     if set(value) - INTENT_FIELDS or REQUIRED_FIELDS - set(value):
         codes.add("invalid")
-    if not _text_ok(client_id, 1, 64) or not (seq_is_int and 0 <= seq <= 2 ** 63 - 1):
+    if not _text_ok(client_id, 1, 64) or not (seq_is_int and 0 <= seq <= 2**63 - 1):
         codes.add("invalid")
     if not _text_ok(value.get("entity"), 1, 128):
         codes.add("invalid")
@@ -1058,7 +1154,7 @@ def documented_replies(data: bytes) -> tuple[list[Owed], bool]:
     if data[0] == 0:  # MessagePack: length-prefixed frames
         pos = 0
         while len(data) - pos >= 4:
-            length, = struct.unpack_from(">I", data, pos)
+            (length,) = struct.unpack_from(">I", data, pos)
             if length > MAX_FRAME:  # every frame before it is answered, then closed
                 return owed + [too_large], True
             if length == 0:
@@ -1067,7 +1163,7 @@ def documented_replies(data: bytes) -> tuple[list[Owed], bool]:
                 continue
             if len(data) - pos - 4 < length:
                 break  # incomplete: no reply yet
-            owed.append(documented_reply(data[pos + 4:pos + 4 + length], packed=True))
+            owed.append(documented_reply(data[pos + 4 : pos + 4 + length], packed=True))
             pos += 4 + length
         return owed, False
     if data[0] in b"{ \t\r\n":  # JSON lines; the limit excludes the \n or \r\n
@@ -1099,16 +1195,19 @@ def replies_match(owed: list[Owed], replies: list[dict], tolerate_known_bugs: bo
                     partner[j] = i
                     return True
         return False
+
     return all(place(i, set()) for i in range(len(owed)))
 
 
 def test_protocol_model_agrees_with_the_documented_examples():
     """The model used by the fuzz tests, on inputs whose outcome the tests
     above pin down against the real engine."""
+
     def one(data: bytes) -> Owed:
         owed, closes = documented_replies(data)
         assert len(owed) == 1 and not closes, (owed, closes)
         return owed[0]
+
     good = {"client_id": "m", "seq": 1, "entity": "m1", "kind": "spawn", "args": {"state": {}}}
     for framing in ("msgpack", "json"):
         assert one(encode(good, framing)).may_store
@@ -1136,8 +1235,14 @@ def fuzz_inputs(seed: int = 0xB5_2024, count: int = 300) -> list[bytes]:
     rng = random.Random(seed)
     out = []
     for i in range(count):
-        kind, args = rng.choice([("spawn", {"state": {"hp": i, "name": "fuzz"}}), ("say", {"text": "hello there"}),
-                                 ("move", {"dx": 1, "dy": -1}), ("pick_up", {"item": "sword"})])
+        kind, args = rng.choice(
+            [
+                ("spawn", {"state": {"hp": i, "name": "fuzz"}}),
+                ("say", {"text": "hello there"}),
+                ("move", {"dx": 1, "dy": -1}),
+                ("pick_up", {"item": "sword"}),
+            ]
+        )
         obj = {"client_id": "fz", "seq": i, "entity": f"fz{i}", "kind": kind, "args": args}
         base = bytearray(pack(obj) if rng.random() < 0.5 else line(obj))
         flavour = i % 6
@@ -1146,8 +1251,7 @@ def fuzz_inputs(seed: int = 0xB5_2024, count: int = 300) -> list[bytes]:
         elif flavour == 1:  # msgpack mode, random length and payload
             data = b"\x00" + rng.randbytes(rng.randint(3, 64))
         elif flavour == 2:  # a well-framed random payload
-            data = frame(rng.randbytes(rng.randint(1, 48))) if rng.random() < 0.5 else \
-                b"{" + rng.randbytes(40) + b"\n"
+            data = frame(rng.randbytes(rng.randint(1, 48))) if rng.random() < 0.5 else b"{" + rng.randbytes(40) + b"\n"
         elif flavour in (3, 4):  # bit flips of a valid frame
             for _ in range(rng.randint(1, 3)):
                 bit = rng.randrange(len(base) * 8)
@@ -1185,17 +1289,27 @@ def nested_fuzz_inputs(seed: int = 0xDE_E9, count: int = 40) -> list[bytes]:
             array = rng.random() < 0.5
             opens.append((b"\x91" if array else b"\x81\xa1k") if packed else (b"[" if array else b'{"k":'))
             closes.append(b"" if packed else (b"]" if array else b"}"))
-        innermost = rng.choice([b"\x90", b"\x80", b"\x91\x01", b"\x81\xa1k\x01"] if packed
-                               else [b"[]", b"{}", b"[1]", b'{"k":1}'])
+        innermost = rng.choice(
+            [b"\x90", b"\x80", b"\x91\x01", b"\x81\xa1k\x01"] if packed else [b"[]", b"{}", b"[1]", b'{"k":1}']
+        )
         nest = b"".join(opens) + innermost + b"".join(reversed(closes))
         entity = f"fzd{i}".encode()
         if packed:
-            data = frame(b"\x85\xa9client_id\xa3fzd\xa3seq" + msgspec.msgpack.encode(i) + b"\xa6entity"
-                         + msgspec.msgpack.encode(entity.decode()) + b"\xa4kind\xa5spawn\xa4args"
-                         + b"\x81\xa5state" + nest)
+            data = frame(
+                b"\x85\xa9client_id\xa3fzd\xa3seq"
+                + msgspec.msgpack.encode(i)
+                + b"\xa6entity"
+                + msgspec.msgpack.encode(entity.decode())
+                + b"\xa4kind\xa5spawn\xa4args"
+                + b"\x81\xa5state"
+                + nest
+            )
         else:
-            data = (b'{"client_id":"fzd","seq":%d,"entity":"%s","kind":"spawn","args":{"state":' % (i, entity)
-                    + nest + b"}}\n")
+            data = (
+                b'{"client_id":"fzd","seq":%d,"entity":"%s","kind":"spawn","args":{"state":' % (i, entity)
+                + nest
+                + b"}}\n"
+            )
         out.append(data)
     return out
 
@@ -1270,8 +1384,9 @@ def test_seeded_fuzz_of_random_and_mutated_frames_never_restarts_ingest_and_good
     assert len(fuzz.cases) == FUZZ_COUNT + NESTED_FUZZ_COUNT
     assert sum(len(c.owed) for c in fuzz.cases) > 240  # the fuzz really reached the decoders
     owed = [o for c in fuzz.cases for o in c.owed]
-    assert sum(o.may_store for o in owed) >= 20 and sum("invalid" in o.codes for o in owed) >= 40, \
+    assert sum(o.may_store for o in owed) >= 20 and sum("invalid" in o.codes for o in owed) >= 40, (
         "the fuzz no longer reaches both the stored and the rejected paths"
+    )
     for case in fuzz.cases:
         assert len(case.replies) <= len(case.owed), case
         for reply in case.replies:
@@ -1291,17 +1406,17 @@ def test_seeded_fuzz_every_frame_gets_exactly_its_documented_replies(fuzz):
     and seq, stored or not) and the close the model owes it."""
     cases = fuzz.cases
     wrong = [(c.data, c.owed, c.replies, c.lost) for c in cases if not c.answered_as_documented()]
-    assert not wrong, f"{len(wrong)} of {len(cases)} fuzzed inputs were not answered as documented, " \
-                      f"e.g. {wrong[:3]}"
+    assert not wrong, f"{len(wrong)} of {len(cases)} fuzzed inputs were not answered as documented, e.g. {wrong[:3]}"
 
 
 def test_seeded_fuzz_nested_args_are_stored_up_to_the_depth_limit_and_invalid_beyond(fuzz):
     nested = fuzz.cases[FUZZ_COUNT:]
     for case in nested:
         assert case.answered_as_documented(), (case.data[:120], case.owed, case.replies, case.lost)
-        reply, = case.replies
-        deep = nesting_depth(msgspec.msgpack.decode(case.data[4:]) if case.data[0] == 0
-                             else json.loads(case.data))  # the whole intent: args is level 2
+        (reply,) = case.replies
+        deep = nesting_depth(
+            msgspec.msgpack.decode(case.data[4:]) if case.data[0] == 0 else json.loads(case.data)
+        )  # the whole intent: args is level 2
         if deep - 1 > MAX_ARGS_DEPTH:
             assert_rejection(reply, "invalid", "fzd", ANY, reason=DEPTH_REASON)
         else:
@@ -1316,13 +1431,13 @@ def test_seeded_fuzz_intents_stored_before_a_fatal_frame_are_answered(fuzz):
     wrong = [(c.data, c.owed, c.replies, c.lost) for c in cases if not c.answered_as_documented()]
     stored = fuzz.harness.stored()
     unanswered = {k for k in fuzz.excused() if k in stored and k not in fuzz.harness.answered}
-    assert not wrong and not unanswered, f"{len(wrong)} of {len(cases)} lost replies, e.g. {wrong[:3]}; " \
-                                         f"stored but never answered: {sorted(unanswered)}"
+    assert not wrong and not unanswered, (
+        f"{len(wrong)} of {len(cases)} lost replies, e.g. {wrong[:3]}; stored but never answered: {sorted(unanswered)}"
+    )
 
 
 def test_seeded_fuzz_non_utf8_json_lines_are_answered_not_utf8(fuzz):
-    cases = [c for c in fuzz.cases if not c.stores_before_a_fatal_error
-             and any(o.buggy_codes for o in c.owed)]
+    cases = [c for c in fuzz.cases if not c.stores_before_a_fatal_error and any(o.buggy_codes for o in c.owed)]
     assert cases, "the seed no longer produces non-UTF-8 JSON lines"
     wrong = [(c.data, c.replies) for c in cases if not c.answered_as_documented()]
     assert not wrong, f"{len(wrong)} of {len(cases)} non-UTF-8 lines got another code, e.g. {wrong[:3]}"

@@ -58,10 +58,9 @@ def test_partial_write_is_invisible(ring):
 
 
 def test_claim_aborts_on_exception(ring):
-    with pytest.raises(RuntimeError):
-        with ring.claim() as w:
-            w.try_append(b"x")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), ring.claim() as w:
+        w.try_append(b"x")
+        raise RuntimeError("boom")
     assert ring.published() == 0
     assert ring.claimed == 0
 
@@ -155,14 +154,27 @@ WRITER = textwrap.dedent("""
 def test_two_process_stress_one_million_records_checksum():
     n = 1_000_000
     from ipc.wakeup import Wakeup
+
     smap = SegmentMap(1, 1 << 16, 1 << 16)
     seg = Segment.create(smap.size)
     ctl = Control(seg.buf, smap, create=True)
     data, space = Wakeup(), Wakeup()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, "-c", WRITER.format(root=root), str(seg.fd), str(seg.size), str(n),
-                             str(data.fd), str(space.fd)], pass_fds=[seg.fd, data.fd, space.fd],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            WRITER.format(root=root),
+            str(seg.fd),
+            str(seg.size),
+            str(n),
+            str(data.fd),
+            str(space.fd),
+        ],
+        pass_fds=[seg.fd, data.fd, space.fd],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     ring = ctl.intent_rings[0]
     digest = hashlib.sha256()
     seen = 0

@@ -4,15 +4,25 @@ UTF-8 must not depend on how a msgspec release reports it."""
 from __future__ import annotations
 
 import msgspec
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ipc import wire
 
 # Values MessagePack can carry, strings included, nested a few levels.
-_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(),
-                     st.text(max_size=300), st.binary(max_size=300))
-_values = st.recursive(_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=20), st.dictionaries(st.text(max_size=40), inner, max_size=20)), max_leaves=60)
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(),
+    st.text(max_size=300),
+    st.binary(max_size=300),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=20), st.dictionaries(st.text(max_size=40), inner, max_size=20)),
+    max_leaves=60,
+)
 
 BAD = [b"\xff", b"\xc0\xae", b"\xed\xa0\x80", b"ok\xe2\x82"]  # start byte, overlong, surrogate, truncated
 

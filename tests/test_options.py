@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import RUN_ENGINE
+
 from engine import options as opts
 from engine.cli import parse_options
 from engine.errors import ConfigError, NotRuntimeConfigurable
@@ -20,26 +20,30 @@ def test_defaults_are_the_seeds():
     assert o.min_batch_size == 50 and o.error_rate_threshold == 0.01 and o.latency_threshold_ms == 100.0
 
 
-@pytest.mark.parametrize("name, window, size, adaptive", [
-    ("small", 20, 200, False), ("medium", 15, 500, True), ("large", 10, 857, True)])
+@pytest.mark.parametrize(
+    "name, window, size, adaptive", [("small", 20, 200, False), ("medium", 15, 500, True), ("large", 10, 857, True)]
+)
 def test_presets_match_the_seed(name, window, size, adaptive):
     o = opts.resolve(preset_name=name, environ={})
     assert (o.time_window_ms, o.max_batch_size, o.adaptive_batching) == (window, size, adaptive)
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("time_window_ms", 0, "must be > 0"),
-    ("time_window_ms", -3, "must be > 0"),
-    ("max_batch_size", 0, "between 1 and 100000"),
-    ("max_batch_size", "lots", "Expected `int`"),
-    ("ring_bytes", 100_000, "power of two"),
-    ("max_frame_bytes", 4 << 20, "quarter of ring_bytes"),
-    ("socket", "/" + "s" * 200, "108 bytes"),
-    ("log_level", "LOUD", "one of"),
-    ("handlers", "no_colon", "package.module:attribute"),
-    ("ingests", 65, "between 1 and 64"),
-    ("bogus", 1, "unknown option"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("time_window_ms", 0, "must be > 0"),
+        ("time_window_ms", -3, "must be > 0"),
+        ("max_batch_size", 0, "between 1 and 100000"),
+        ("max_batch_size", "lots", "Expected `int`"),
+        ("ring_bytes", 100_000, "power of two"),
+        ("max_frame_bytes", 4 << 20, "quarter of ring_bytes"),
+        ("socket", "/" + "s" * 200, "108 bytes"),
+        ("log_level", "LOUD", "one of"),
+        ("handlers", "no_colon", "package.module:attribute"),
+        ("ingests", 65, "between 1 and 64"),
+        ("bogus", 1, "unknown option"),
+    ],
+)
 def test_bad_values_name_the_field_and_value(field, value, words):
     with pytest.raises(ConfigError) as info:
         opts.from_mapping({field: value})
@@ -51,7 +55,7 @@ def test_bad_values_name_the_field_and_value(field, value, words):
 def test_precedence_defaults_preset_file_env_flags(tmp_path):
     toml = tmp_path / "engine.toml"
     toml.write_text('preset = "small"\n[engine]\n')  # an [engine] table wins over top-level keys
-    toml.write_text('[engine]\ntime_window_ms = 7\nmax_batch_size = 300\ningests = 2\n')
+    toml.write_text("[engine]\ntime_window_ms = 7\nmax_batch_size = 300\ningests = 2\n")
     env = {"BATCHSCHEDULER_MAX_BATCH_SIZE": "400", "BATCHSCHEDULER_INGESTS": "3"}
     o = opts.resolve(config_file=str(toml), preset_name="small", flags={"ingests": 4}, environ=env)
     assert (o.time_window_ms, o.max_batch_size, o.ingests) == (7, 400, 4)
@@ -65,11 +69,14 @@ def test_env_values_are_parsed_and_checked():
         opts.from_env({"BATCHSCHEDULER_WINDOW": "5"})
 
 
-@pytest.mark.parametrize("content, words", [
-    ("time_window_ms = = 3", "not valid TOML"),
-    ("max_batch_size = 'big'", "Expected `int`"),
-    ("unknown_thing = 1", "unknown option"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("time_window_ms = = 3", "not valid TOML"),
+        ("max_batch_size = 'big'", "Expected `int`"),
+        ("unknown_thing = 1", "unknown option"),
+    ],
+)
 def test_bad_config_file_is_a_clear_error(tmp_path, content, words):
     path = tmp_path / "bad.toml"
     path.write_text(content)
@@ -83,10 +90,25 @@ def test_missing_config_file():
 
 
 def test_flags_map_onto_options():
-    o = parse_options(["--time-window-ms", "2.5", "--max-batch-size", "0x100", "--adaptive-batching",
-                       "--no-pipeline", "--socket-mode", "0o660"])
-    assert (o.time_window_ms, o.max_batch_size, o.adaptive_batching, o.pipeline, o.socket_mode) == \
-        (2.5, 256, True, False, 0o660)
+    o = parse_options(
+        [
+            "--time-window-ms",
+            "2.5",
+            "--max-batch-size",
+            "0x100",
+            "--adaptive-batching",
+            "--no-pipeline",
+            "--socket-mode",
+            "0o660",
+        ]
+    )
+    assert (o.time_window_ms, o.max_batch_size, o.adaptive_batching, o.pipeline, o.socket_mode) == (
+        2.5,
+        256,
+        True,
+        False,
+        0o660,
+    )
 
 
 def test_runtime_configurable_options_only():
@@ -95,23 +117,29 @@ def test_runtime_configurable_options_only():
         opts.check_runtime({"ingests": 2})
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--max-batch-size", "-1"], "max_batch_size=-1"),
-    (["--time-window-ms", "soon"], "time_window_ms='soon'"),
-    (["--ring-bytes", "12345"], "power of two"),
-    (["--handlers", "nowhere.module:X", "--dsn", "host=/nonexistent"], "cannot import nowhere"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--max-batch-size", "-1"], "max_batch_size=-1"),
+        (["--time-window-ms", "soon"], "time_window_ms='soon'"),
+        (["--ring-bytes", "12345"], "power of two"),
+        (["--handlers", "nowhere.module:X", "--dsn", "host=/nonexistent"], "cannot import nowhere"),
+    ],
+)
 def test_run_engine_refuses_bad_flags_with_exit_code_and_message(args, words, short_tmp):
-    proc = subprocess.run([sys.executable, str(RUN_ENGINE), "--socket", str(short_tmp / "s"), *args],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(RUN_ENGINE), "--socket", str(short_tmp / "s"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode in (1, 2)
     assert words in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
 def test_run_engine_help_lists_every_option():
-    out = subprocess.run([sys.executable, str(RUN_ENGINE), "--help"], capture_output=True, text=True,
-                         timeout=60).stdout
+    out = subprocess.run([sys.executable, str(RUN_ENGINE), "--help"], capture_output=True, text=True, timeout=60).stdout
     for name in opts.FIELDS:
         assert "--" + name.replace("_", "-") in out
     assert "BATCHSCHEDULER_" in out and "--config" in out and "--preset" in out

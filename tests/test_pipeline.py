@@ -7,7 +7,8 @@ import time
 import msgspec
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from engine.handlers import BUILTIN, Op, Registry
 from engine.intent import DecodedRecord, Record
@@ -32,8 +33,10 @@ def db(dsn):
 
 
 def reset(conn):
-    conn.execute("TRUNCATE batchscheduler.intent_log, batchscheduler.entities, batchscheduler.batches, "
-                 "batchscheduler.dead_letters")
+    conn.execute(
+        "TRUNCATE batchscheduler.intent_log, batchscheduler.entities, batchscheduler.batches, "
+        "batchscheduler.dead_letters"
+    )
     conn.commit()
 
 
@@ -44,13 +47,16 @@ def write_in_batches(conn, pipeline, payloads, sizes, *, fast=False):
     outcomes = {}
     i = 0
     for size in sizes:
-        chunk = payloads[i:i + size]
+        chunk = payloads[i : i + size]
         if not chunk:
             break
         batch = b"[" + b",".join(chunk) + b"]"
         text = batch.decode()
-        result = writer.write_fast(text, len(chunk), "size", time.time(), time.time(), pipeline.planner(batch)) \
-            if fast else None
+        result = (
+            writer.write_fast(text, len(chunk), "size", time.time(), time.time(), pipeline.planner(batch))
+            if fast
+            else None
+        )
         if result is None:
             result = writer.write(text, len(chunk), "size", time.time(), time.time(), pipeline.planner(batch))
         for j in range(len(chunk)):
@@ -65,11 +71,14 @@ def snapshot(conn):
     return dict(rows)
 
 
-SPAWN_STATE = st.fixed_dictionaries({}, optional={
-    "hp": st.integers(-5, 50),
-    "pos": st.fixed_dictionaries({"x": st.integers(-3, 3)}),
-    "inv": st.lists(st.sampled_from(["sword", "key"]), max_size=2),
-})
+SPAWN_STATE = st.fixed_dictionaries(
+    {},
+    optional={
+        "hp": st.integers(-5, 50),
+        "pos": st.fixed_dictionaries({"x": st.integers(-3, 3)}),
+        "inv": st.lists(st.sampled_from(["sword", "key"]), max_size=2),
+    },
+)
 intent_strategy = st.one_of(
     st.tuples(st.just("spawn"), st.fixed_dictionaries({"state": SPAWN_STATE})),
     st.tuples(st.just("move"), st.fixed_dictionaries({"dx": st.integers(-5, 5), "dy": st.integers(-5, 5)})),
@@ -81,8 +90,10 @@ intent_strategy = st.one_of(
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(st.sampled_from(ENTITIES), intent_strategy), min_size=1, max_size=60),
-       st.lists(st.integers(1, 25), min_size=1, max_size=60))
+@given(
+    st.lists(st.tuples(st.sampled_from(ENTITIES), intent_strategy), min_size=1, max_size=60),
+    st.lists(st.integers(1, 25), min_size=1, max_size=60),
+)
 def test_batched_writes_equal_one_by_one(db, intents, sizes):
     payloads = [record("p", seq, entity, kind, args) for seq, (entity, (kind, args)) in enumerate(intents)]
     pipeline = Pipeline(BUILTIN)
@@ -119,8 +130,9 @@ def test_poison_intent_dead_letters_alone_in_a_batch_of_857(db):
     with pytest.raises(psycopg.errors.CheckViolation):
         writer.write(batch.decode(), 857, "size", time.time(), time.time(), pipeline.planner(batch))
     db.rollback()
-    result = writer.write_isolated(batch.decode(), [p.decode() for p in payloads], "size", time.time(),
-                                   time.time(), pipeline.planner(batch))
+    result = writer.write_isolated(
+        batch.decode(), [p.decode() for p in payloads], "size", time.time(), time.time(), pipeline.planner(batch)
+    )
     assert result.outcomes == {429: ("dead_lettered", "constraint_violation", result.outcomes[429][2], False)}
     assert "hp_cap" in result.outcomes[429][2]
     counts = dict(db.execute("SELECT status, count(*) FROM batchscheduler.intent_log GROUP BY 1").fetchall())
@@ -132,13 +144,18 @@ def test_poison_intent_dead_letters_alone_in_a_batch_of_857(db):
 def test_handler_that_raises_dead_letters_only_its_intent(db):
     def explode(intent):
         raise RuntimeError("the dragon refuses")
+
     pipeline = Pipeline(BUILTIN.extend({"explode": explode}))
-    payloads = [record("h", 1, "x", "spawn", {"state": {}}), record("h", 2, "x", "explode", {}),
-                record("h", 3, "x", "say", {"text": "still here"})]
+    payloads = [
+        record("h", 1, "x", "spawn", {"state": {}}),
+        record("h", 2, "x", "explode", {}),
+        record("h", 3, "x", "say", {"text": "still here"}),
+    ]
     outcomes = write_in_batches(db, pipeline, payloads, [3])
     assert outcomes == {0: "committed", 1: "dead_lettered", 2: "committed"}
-    assert db.execute("SELECT reason FROM batchscheduler.dead_letters").fetchone()[0] == \
-        "RuntimeError: the dragon refuses"
+    assert (
+        db.execute("SELECT reason FROM batchscheduler.dead_letters").fetchone()[0] == "RuntimeError: the dragon refuses"
+    )
 
 
 def test_resend_in_later_batch_is_not_applied_twice(db):
@@ -172,18 +189,21 @@ def test_cached_path_notices_a_row_changed_behind_its_back(db):
     assert snapshot(db) == {"x": {"hp": 55}}
 
 
-@pytest.mark.parametrize("op, before, after", [
-    (Op("e", "pos.x", "incr", 2), {}, {"pos": {"x": 2}}),
-    (Op("e", "pos.x", "incr", 2), {"pos": 5}, {"pos": {"x": 2}}),
-    (Op("e", "hp", "incr", -9, lo=0), {"hp": 3}, {"hp": 0}),
-    (Op("e", "hp", "incr", 1), {"hp": "full"}, {"hp": 1}),
-    (Op("e", "a.b.c", "set", [1]), {"a": {"z": 1}}, {"a": {"z": 1, "b": {"c": [1]}}}),
-    (Op("e", "log", "append", "x", bound=2), {"log": ["a", "b"]}, {"log": ["b", "x"]}),
-    (Op("e", "inv", "remove", "k"), {"inv": ["k", 1, "k"]}, {"inv": [1, "k"]}),
-    (Op("e", "inv", "remove", 1), {"inv": [True, 1]}, {"inv": [True]}),
-    (Op("e", "a.b", "delete"), {"a": {"b": 1, "c": 2}}, {"a": {"c": 2}}),
-    (Op("e", "a.b", "delete"), {"a": 3}, {"a": 3}),
-])
+@pytest.mark.parametrize(
+    "op, before, after",
+    [
+        (Op("e", "pos.x", "incr", 2), {}, {"pos": {"x": 2}}),
+        (Op("e", "pos.x", "incr", 2), {"pos": 5}, {"pos": {"x": 2}}),
+        (Op("e", "hp", "incr", -9, lo=0), {"hp": 3}, {"hp": 0}),
+        (Op("e", "hp", "incr", 1), {"hp": "full"}, {"hp": 1}),
+        (Op("e", "a.b.c", "set", [1]), {"a": {"z": 1}}, {"a": {"z": 1, "b": {"c": [1]}}}),
+        (Op("e", "log", "append", "x", bound=2), {"log": ["a", "b"]}, {"log": ["b", "x"]}),
+        (Op("e", "inv", "remove", "k"), {"inv": ["k", 1, "k"]}, {"inv": [1, "k"]}),
+        (Op("e", "inv", "remove", 1), {"inv": [True, 1]}, {"inv": [True]}),
+        (Op("e", "a.b", "delete"), {"a": {"b": 1, "c": 2}}, {"a": {"c": 2}}),
+        (Op("e", "a.b", "delete"), {"a": 3}, {"a": 3}),
+    ],
+)
 def test_ops_are_total_and_exact(op, before, after):
     apply_op(before, op)
     assert before == after
@@ -202,8 +222,10 @@ def test_spawn_state_must_be_object():
 def test_handlers_may_not_touch_other_entities():
     def sneaky(intent):
         return [Op("someone-else", "hp", "set", 0)]
+
     registry = BUILTIN.extend({"sneaky": sneaky})
-    states, dead = apply_one_by_one(registry, [DecodedRecord("c", 1, "e", "spawn", {}, 0),
-                                               DecodedRecord("c", 2, "e", "sneaky", {}, 0)])
+    states, dead = apply_one_by_one(
+        registry, [DecodedRecord("c", 1, "e", "spawn", {}, 0), DecodedRecord("c", 2, "e", "sneaky", {}, 0)]
+    )
     assert dead == [("c", 2, "handler_error")]
     assert states == {"e": {}}  # the spawn applied; the sneaky write did not

@@ -17,8 +17,7 @@ def test_cuts_on_time_when_oldest_window_expires():
 
 
 def test_waits_exactly_the_time_left_in_the_window():
-    assert decide_cut(3, 857, oldest_ns=100, window_ns=10 * MS, now_ns=4 * MS, draining=False) == \
-        (None, 6 * MS + 100)
+    assert decide_cut(3, 857, oldest_ns=100, window_ns=10 * MS, now_ns=4 * MS, draining=False) == (None, 6 * MS + 100)
 
 
 def test_drain_cuts_immediately_and_empty_never_cuts():
@@ -27,8 +26,7 @@ def test_drain_cuts_immediately_and_empty_never_cuts():
 
 
 def adaptive(**kw):
-    base = dict(initial=500, minimum=50, maximum=1000, factor=0.1, error_rate_threshold=0.01,
-                latency_threshold_s=0.1)
+    base = dict(initial=500, minimum=50, maximum=1000, factor=0.1, error_rate_threshold=0.01, latency_threshold_s=0.1)
     base.update(kw)
     return AdaptiveLimit(**base)
 
@@ -70,7 +68,8 @@ def test_breaker_opens_after_threshold_and_half_opens_after_timeout():
     assert not b.allow() and b.retry_in() == 30
     clock.t = 30
     assert b.allow() and b.state == policy.HALF_OPEN
-    b.success(); b.success()
+    b.success()
+    b.success()
     assert b.state == policy.HALF_OPEN
     b.success()
     assert b.state == policy.CLOSED

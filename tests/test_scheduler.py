@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-
 from conftest import query, wait_for
+
 from engine.errors import NotRuntimeConfigurable
 from engine.intent import COMMITTED, Intent
 from engine.scheduler import BatchScheduler, EventBus, SystemEvent
@@ -19,8 +19,9 @@ def test_event_bus_in_and_batches_out(dsn, short_tmp):
     bus.on(SystemEvent.INTENT_BATCH, lambda b: (lock.acquire(), batches.append(b), lock.release()))
     bus.on(SystemEvent.INTENT_FAILED, failed.append)
     bus.on(SystemEvent.INTENT_BATCH, lambda b: 1 / 0)  # a broken subscriber hurts no one
-    with BatchScheduler(event_bus=bus, dsn=dsn, socket=str(short_tmp / "s.sock"),
-                        data_dir=str(short_tmp / "var"), time_window_ms=5) as scheduler:
+    with BatchScheduler(
+        event_bus=bus, dsn=dsn, socket=str(short_tmp / "s.sock"), data_dir=str(short_tmp / "var"), time_window_ms=5
+    ) as scheduler:
         bus.emit(SystemEvent.INTENT, Intent("bus", 1, "hero", "spawn", {"state": {"hp": 3}}))
         for seq in range(2, 52):
             bus.emit(SystemEvent.INTENT, Intent("bus", seq, "hero", "move", {"dx": 1, "dy": 0}))
@@ -30,14 +31,15 @@ def test_event_bus_in_and_batches_out(dsn, short_tmp):
     seqs = [i.seq for b in sorted(batches, key=lambda b: b.id) for i in b.intents]
     assert seqs == list(range(1, 52))  # every committed intent once, in apply order
     assert all(b.cut_reason in ("time", "size", "drain") for b in batches)
-    (intent, reply), = failed
+    ((intent, reply),) = failed
     assert intent.seq == 52 and reply.code == "no_such_entity"
     assert query(dsn, "SELECT state->'pos'->'x' FROM batchscheduler.entities") == [(50,)]
 
 
 def test_configure_applies_at_runtime_without_restart(dsn, short_tmp):
-    scheduler = BatchScheduler(dsn=dsn, socket=str(short_tmp / "s.sock"), data_dir=str(short_tmp / "var"),
-                               time_window_ms=200)
+    scheduler = BatchScheduler(
+        dsn=dsn, socket=str(short_tmp / "s.sock"), data_dir=str(short_tmp / "var"), time_window_ms=200
+    )
     scheduler.start()
     try:
         pids = {w["pid"] for w in scheduler.metrics()["workers"]}
@@ -46,7 +48,7 @@ def test_configure_applies_at_runtime_without_restart(dsn, short_tmp):
             scheduler.configure(max_batch_size=1, time_window_ms=1000)
             replies = client.submit_many([client.intent("a", "say", {"text": str(i)}) for i in range(5)])
         assert all(r.status == COMMITTED for r in replies)
-        sizes = [s for s, in query(dsn, "SELECT size FROM batchscheduler.batches ORDER BY id")]
+        sizes = [s for (s,) in query(dsn, "SELECT size FROM batchscheduler.batches ORDER BY id")]
         assert sizes[-5:] == [1, 1, 1, 1, 1]  # size limit 1 cut at once despite the 1 s window
         assert {w["pid"] for w in scheduler.metrics()["workers"]} == pids  # nothing restarted
         with pytest.raises(NotRuntimeConfigurable, match="ingests"):
@@ -82,8 +84,9 @@ def test_engine_started_from_a_short_lived_thread_outlives_it(dsn, short_tmp):
 
 
 def test_start_failure_is_raised_to_the_caller(short_tmp):
-    scheduler = BatchScheduler(dsn="host=/nonexistent-dir dbname=nope connect_timeout=2",
-                               socket=str(short_tmp / "s.sock"))
-    with pytest.raises(Exception, match="unusable|nonexistent"):
+    scheduler = BatchScheduler(
+        dsn="host=/nonexistent-dir dbname=nope connect_timeout=2", socket=str(short_tmp / "s.sock")
+    )
+    with pytest.raises(Exception, match=r"unusable|nonexistent"):
         scheduler.start()
     assert not (short_tmp / "s.sock").exists()

@@ -20,6 +20,8 @@ except ImportError as missing:
     venv_python = os.path.join(ROOT, ".venv", "bin", "python")
     if os.path.exists(venv_python) and os.path.realpath(sys.executable) != os.path.realpath(venv_python):
         os.execv(venv_python, [venv_python, *sys.argv])
-    sys.stderr.write(f"{os.path.basename(sys.argv[0])}: {missing}. Install first:\n"
-                     f"  python3 -m venv .venv && .venv/bin/pip install .\n")
+    sys.stderr.write(
+        f"{os.path.basename(sys.argv[0])}: {missing}. Install first:\n"
+        f"  python3 -m venv .venv && .venv/bin/pip install .\n"
+    )
     sys.exit(2)

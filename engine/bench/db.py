@@ -53,11 +53,12 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TextIO
+from typing import TextIO
 
 import msgspec
 import psycopg
@@ -132,8 +133,7 @@ def intent_rows(start: int, n: int, entities: int) -> list[tuple[str, int, str, 
     rows = []
     for i in range(start, start + n):
         kind, args = _ARGS[i % len(_ARGS)]
-        rows.append((f"player-{i % 500}", i, f"orc-{i % entities}", kind, _ENC.encode(args).decode(),
-                     BASE_US + i * 97))
+        rows.append((f"player-{i % 500}", i, f"orc-{i % entities}", kind, _ENC.encode(args).decode(), BASE_US + i * 97))
     return rows
 
 
@@ -220,9 +220,11 @@ class Sql:
             SELECT r->>0, (r->>1)::int8, r->>2, r->>3, r->4, to_timestamp((r->>5)::float8 / 1e6)
             FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS x(r, ord)"""
         self.insert_jsonb = jsonb_select
-        self.insert_jsonb_idempotent = (jsonb_select + "\n            ORDER BY x.ord"
-                                        "\n            ON CONFLICT ON CONSTRAINT intents_key DO NOTHING"
-                                        "\n            RETURNING seq")
+        self.insert_jsonb_idempotent = (
+            jsonb_select + "\n            ORDER BY x.ord"
+            "\n            ON CONFLICT ON CONSTRAINT intents_key DO NOTHING"
+            "\n            RETURNING seq"
+        )
 
 
 # ---------------------------------------------------------------- operations
@@ -245,14 +247,15 @@ class Result:
 
 def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 class Runner:
     """Runs operations on one autocommit connection in one scratch schema."""
 
-    def __init__(self, conn: psycopg.Connection, sql: Sql, *, rows: int, batches: int,
-                 batch_size: int, entities: int) -> None:
+    def __init__(
+        self, conn: psycopg.Connection, sql: Sql, *, rows: int, batches: int, batch_size: int, entities: int
+    ) -> None:
         self.conn = conn
         self.sql = sql
         self.rows = rows
@@ -319,13 +322,12 @@ class Runner:
 
     def op_copy_write_row(self, batches: list[list[tuple]]) -> int:
         cur, sql, conn = self.cur, self.sql.copy, self.conn
-        utc = timezone.utc
+        utc = UTC
         fromts = datetime.fromtimestamp
         for batch in batches:
-            with conn.transaction():
-                with cur.copy(sql) as copy:
-                    for c, q, e, k, a, r in batch:
-                        copy.write_row((c, q, e, k, a, fromts(r / 1e6, utc)))
+            with conn.transaction(), cur.copy(sql) as copy:
+                for c, q, e, k, a, r in batch:
+                    copy.write_row((c, q, e, k, a, fromts(r / 1e6, utc)))
             _expect(cur.rowcount, len(batch), "copy_write_row")
         return len(batches)
 
@@ -346,9 +348,8 @@ class Runner:
     def op_update_executemany(self, batches: list[list[tuple[int, int]]]) -> int:
         cur, sql, conn = self.cur, self.sql.update_one, self.conn
         for batch in batches:
-            with conn.transaction():
-                with conn.pipeline():
-                    cur.executemany(sql, [(dmg, entity_id) for entity_id, dmg in batch])
+            with conn.transaction(), conn.pipeline():
+                cur.executemany(sql, [(dmg, entity_id) for entity_id, dmg in batch])
             _expect(cur.rowcount, len(batch), "update_executemany")
         return len(batches)
 
@@ -378,7 +379,7 @@ class Runner:
             if op.key.startswith("insert_jsonb"):
                 rows = [ring_payload(r) for r in rows]
         if op.bulk:
-            return [rows[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+            return [rows[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
         return rows
 
     def _prepare_table(self, op: Operation) -> None:
@@ -390,8 +391,9 @@ class Runner:
             try:
                 self.conn.execute("CHECKPOINT")
             except psycopg.errors.InsufficientPrivilege:
-                log.warning("no privilege to CHECKPOINT on this server: operations may pay for "
-                            "each other's dirty pages")
+                log.warning(
+                    "no privilege to CHECKPOINT on this server: operations may pay for each other's dirty pages"
+                )
                 self.can_checkpoint = False
 
     def run(self, op: Operation) -> Result:
@@ -426,15 +428,24 @@ def server_info(conn: psycopg.Connection) -> dict[str, str]:
     return info
 
 
-def run_benchmark(dsn: str, *, rows: int = DEFAULT_ROWS, batches: int = DEFAULT_BATCHES,
-                  batch_size: int = DEFAULT_BATCH_SIZE, entities: int = DEFAULT_ENTITIES,
-                  only: Sequence[str] | None = None, embedded: bool = False) -> dict:
+def run_benchmark(
+    dsn: str,
+    *,
+    rows: int = DEFAULT_ROWS,
+    batches: int = DEFAULT_BATCHES,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    entities: int = DEFAULT_ENTITIES,
+    only: Sequence[str] | None = None,
+    embedded: bool = False,
+) -> dict:
     """Run the operations against ``dsn`` in a fresh scratch schema (dropped
     afterwards, also on failure); returns the JSON document."""
     ops = [BY_KEY[k] for k in only] if only else OPERATIONS
     if any(op.kind == "update" and op.bulk for op in ops) and entities < batch_size:
-        raise ValueError(f"--entities ({entities}) must be at least --batch-size ({batch_size}): "
-                         "UPDATE … FROM applies one row per entity per batch")
+        raise ValueError(
+            f"--entities ({entities}) must be at least --batch-size ({batch_size}): "
+            "UPDATE … FROM applies one row per entity per batch"
+        )
     sql = Sql(f"bench_{uuid.uuid4().hex[:10]}")
     results: list[Result] = []
     with psycopg.connect(dsn, autocommit=True, application_name="bench_db") as conn:
@@ -442,8 +453,7 @@ def run_benchmark(dsn: str, *, rows: int = DEFAULT_ROWS, batches: int = DEFAULT_
         server = server_info(conn)
         server["embedded"] = embedded
         if server["fsync"] != "on":
-            log.warning("this server runs with fsync=%s: figures are not durable-commit figures",
-                        server["fsync"])
+            log.warning("this server runs with fsync=%s: figures are not durable-commit figures", server["fsync"])
         try:
             for stmt in sql.create:
                 conn.execute(stmt)
@@ -465,7 +475,7 @@ def run_benchmark(dsn: str, *, rows: int = DEFAULT_ROWS, batches: int = DEFAULT_
         "params": {"rows": rows, "batches": batches, "batch_size": batch_size, "entities": entities},
         "baseline": BASELINE,
         "seed_source": "SEED-BatchScheduler.md, Measured Performance Results "
-                       "(MacBook Pro M1, PostgreSQL in Docker, default settings)",
+        "(MacBook Pro M1, PostgreSQL in Docker, default settings)",
         "results": [asdict(r) for r in results],
     }
 
@@ -486,13 +496,24 @@ def render(doc: dict) -> str:
         f"{doc['params']['batch_size']} per bulk path; {doc['params']['entities']} entities; one connection",
         "",
     ]
-    rows = [(r["operation"], r["rows"], report.fmt_rate(r["ops_per_s"]), report.fmt_us(r["us_per_op"]),
-             report.fmt_rate(r["seed_ops_per_s"]), report.fmt_ratio(r["ratio_to_baseline"]))
-            for r in doc["results"]]
+    rows = [
+        (
+            r["operation"],
+            r["rows"],
+            report.fmt_rate(r["ops_per_s"]),
+            report.fmt_us(r["us_per_op"]),
+            report.fmt_rate(r["seed_ops_per_s"]),
+            report.fmt_ratio(r["ratio_to_baseline"]),
+        )
+        for r in doc["results"]
+    ]
     lines.append(report.table(HEADERS, rows))
     lines.append("")
-    lines.append("seed ops/s: the seed's figures (MacBook Pro M1, PostgreSQL in Docker, default settings); "
-                 "bulk rows are per batch of " f"{doc['params']['batch_size']} in one transaction.")
+    lines.append(
+        "seed ops/s: the seed's figures (MacBook Pro M1, PostgreSQL in Docker, default settings); "
+        "bulk rows are per batch of "
+        f"{doc['params']['batch_size']} in one transaction."
+    )
     return "\n".join(lines)
 
 
@@ -501,26 +522,44 @@ def build_parser(prog: str = "bench_db") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Reproduce the seed's 'Measured Performance Results' table against PostgreSQL "
-                    "(fsync and synchronous_commit on), next to the set-based batch paths the engine "
-                    "can use. Starts an embedded PostgreSQL in a temporary directory (removed "
-                    "afterwards) unless --dsn names a server. Works in its own scratch schema, "
-                    "dropped at the end; never touches the engine's batchscheduler schema. Prints a "
-                    "machine line and a table; --json also writes the figures as JSON.",
-        epilog="Operations: " + "; ".join(f"{op.key} = {op.label}" for op in OPERATIONS)
-               + ". The ratio column is ops/s divided by insert_per_tx's ops/s.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dsn", help="libpq connection string of an external PostgreSQL ≥ 14 "
-                                 "(default: start an embedded one in a temp dir)")
-    p.add_argument("--rows", type=report.positive_int, default=DEFAULT_ROWS,
-                   help="rows for each per-row operation (1 tx/row and the batched statement-per-row UPDATE)")
-    p.add_argument("--batches", type=report.positive_int, default=DEFAULT_BATCHES,
-                   help="batches for each bulk operation")
-    p.add_argument("--batch-size", type=report.positive_int, default=DEFAULT_BATCH_SIZE,
-                   help="rows per transaction for the batched and bulk operations (the seed's 857)")
-    p.add_argument("--entities", type=report.positive_int, default=DEFAULT_ENTITIES,
-                   help="rows in the entities table the UPDATEs hit (at least --batch-size)")
-    p.add_argument("--only", type=_op_list, metavar="OP[,OP…]",
-                   help="run only these operations (comma-separated keys, see below)")
+        "(fsync and synchronous_commit on), next to the set-based batch paths the engine "
+        "can use. Starts an embedded PostgreSQL in a temporary directory (removed "
+        "afterwards) unless --dsn names a server. Works in its own scratch schema, "
+        "dropped at the end; never touches the engine's batchscheduler schema. Prints a "
+        "machine line and a table; --json also writes the figures as JSON.",
+        epilog="Operations: "
+        + "; ".join(f"{op.key} = {op.label}" for op in OPERATIONS)
+        + ". The ratio column is ops/s divided by insert_per_tx's ops/s.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--dsn",
+        help="libpq connection string of an external PostgreSQL ≥ 14 (default: start an embedded one in a temp dir)",
+    )
+    p.add_argument(
+        "--rows",
+        type=report.positive_int,
+        default=DEFAULT_ROWS,
+        help="rows for each per-row operation (1 tx/row and the batched statement-per-row UPDATE)",
+    )
+    p.add_argument(
+        "--batches", type=report.positive_int, default=DEFAULT_BATCHES, help="batches for each bulk operation"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=report.positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        help="rows per transaction for the batched and bulk operations (the seed's 857)",
+    )
+    p.add_argument(
+        "--entities",
+        type=report.positive_int,
+        default=DEFAULT_ENTITIES,
+        help="rows in the entities table the UPDATEs hit (at least --batch-size)",
+    )
+    p.add_argument(
+        "--only", type=_op_list, metavar="OP[,OP…]", help="run only these operations (comma-separated keys, see below)"
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
@@ -545,16 +584,17 @@ def _signals_deferred() -> Iterator[None]:
     handlers are Python-level, so initdb and postgres (exec'd children) get
     default dispositions, not these."""
     pending: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _frame: pending.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: pending.append(signum))
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if pending:
-        log.warning("%s arrived while PostgreSQL was starting; stopping it now",
-                    signal.Signals(pending[0]).name)
+        log.warning("%s arrived while PostgreSQL was starting; stopping it now", signal.Signals(pending[0]).name)
         signal.raise_signal(pending[0])
 
 
@@ -578,13 +618,15 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the embedded server is stopped and its
     # temp dir removed rather than orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    params = dict(rows=args.rows, batches=args.batches, batch_size=args.batch_size,
-                  entities=args.entities, only=args.only)
+    params = dict(
+        rows=args.rows, batches=args.batches, batch_size=args.batch_size, entities=args.entities, only=args.only
+    )
     try:
         if args.dsn:
             doc = run_benchmark(args.dsn, **params)
         else:
             from persistence.embedded import EmbeddedPostgres
+
             base = Path(tempfile.mkdtemp(prefix="bs-bench-db-"))
             pg = EmbeddedPostgres(base / "pg")
             try:

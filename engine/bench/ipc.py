@@ -52,8 +52,9 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, TextIO
 
 import msgspec
 
@@ -73,8 +74,8 @@ DEFAULT_REPEAT = 3
 # One ingest socket read of ~5 KiB holds ~64 intents of ~80 bytes; the
 # writer publishes (one cursor store, one eventfd write) once per chunk.
 DEFAULT_CHUNK = 64
-DEFAULT_MAX_BATCH = Options().max_batch_size     # the seed's 857
-DEFAULT_RING_BYTES = Options().ring_bytes         # the engine's 8 MiB
+DEFAULT_MAX_BATCH = Options().max_batch_size  # the seed's 857
+DEFAULT_RING_BYTES = Options().ring_bytes  # the engine's 8 MiB
 # How long any wait blocks before checking that the other process lives.
 WAIT_S = 0.5
 # A run that has not finished by then is reported as an error, not awaited.
@@ -94,8 +95,9 @@ _ARGS = (
 class WriterStat:
     """Counters a ring writer leaves in the segment for the report. The
     block sits in the segment's first page, the ring after it."""
+
     PUBLISHES = 0
-    FULL_WAITS = 1   # times the writer found the ring full and blocked
+    FULL_WAITS = 1  # times the writer found the ring full and blocked
     COUNT = 8
 
 
@@ -217,8 +219,7 @@ class _Check:
 class Bench:
     """One process's view of the benchmark: parameters and the payloads."""
 
-    def __init__(self, payloads: list[bytes], *, chunk: int, max_batch: int, ring_bytes: int,
-                 timeout_s: float) -> None:
+    def __init__(self, payloads: list[bytes], *, chunk: int, max_batch: int, ring_bytes: int, timeout_s: float) -> None:
         self.payloads = payloads
         self.n = len(payloads)
         self.chunk = chunk
@@ -231,8 +232,7 @@ class Bench:
 
     def _start(self, target: Callable, *args: Any) -> tuple[multiprocessing.process.BaseProcess, Handshake]:
         hs = Handshake()
-        proc = self.ctx.Process(target=target, args=(hs, os.getpid(), *args), name="bench_ipc writer",
-                                daemon=True)
+        proc = self.ctx.Process(target=target, args=(hs, os.getpid(), *args), name="bench_ipc writer", daemon=True)
         proc.start()
         return proc, hs
 
@@ -280,9 +280,17 @@ class Bench:
             elapsed = time.perf_counter() - t0
             self._finish(proc, hs)
             proc = None
-            return Run(elapsed, n, {"runs": runs, "mean_run": round(n / runs, 1), "reader_waits": waits,
-                                    "publishes": stats.get(WriterStat.PUBLISHES),
-                                    "writer_full_waits": stats.get(WriterStat.FULL_WAITS)})
+            return Run(
+                elapsed,
+                n,
+                {
+                    "runs": runs,
+                    "mean_run": round(n / runs, 1),
+                    "reader_waits": waits,
+                    "publishes": stats.get(WriterStat.PUBLISHES),
+                    "writer_full_waits": stats.get(WriterStat.FULL_WAITS),
+                },
+            )
         finally:
             if proc is not None:  # aborted: stop the writer now
                 _reap(proc, grace=0)
@@ -367,6 +375,7 @@ class Bench:
     # -------------------------------------------------------- faster-fifo
     def faster_fifo(self) -> Run:
         import faster_fifo  # only called when importable
+
         # As much buffer as the ring has, so neither gets more slack.
         q = faster_fifo.Queue(max_size_bytes=self.ring_bytes)
         proc, hs = self._start(_faster_fifo_writer, q, self.payloads)
@@ -413,8 +422,9 @@ def _touch(payloads: list[bytes]) -> list[bytes]:
     return list(payloads)
 
 
-def _ring_writer(hs: Handshake, parent: int, seg: Segment, payloads: list[bytes], chunk: int,
-                 data_wake: Wakeup, space_wake: Wakeup) -> None:
+def _ring_writer(
+    hs: Handshake, parent: int, seg: Segment, payloads: list[bytes], chunk: int, data_wake: Wakeup, space_wake: Wakeup
+) -> None:
     """Producer: append a chunk, publish it, wake the reader; on a full ring
     publish what fits and block until the reader commits."""
     _writer_signals()
@@ -457,7 +467,7 @@ def _queue_writer(hs: Handshake, parent: int, q: Any, payloads: list[bytes], per
             put(p)
     else:
         for i in range(0, len(payloads), per_put):
-            put(payloads[i:i + per_put])
+            put(payloads[i : i + per_put])
     q.close()
     q.join_thread()  # the feeder thread has written everything to the pipe
 
@@ -497,9 +507,16 @@ BY_KEY = {v.key: v for v in VARIANTS}
 BASELINE = "mp_queue"
 
 
-def run_benchmark(*, n: int = DEFAULT_N, repeat: int = DEFAULT_REPEAT, chunk: int = DEFAULT_CHUNK,
-                  max_batch: int = DEFAULT_MAX_BATCH, ring_bytes: int = DEFAULT_RING_BYTES,
-                  only: Sequence[str] | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+def run_benchmark(
+    *,
+    n: int = DEFAULT_N,
+    repeat: int = DEFAULT_REPEAT,
+    chunk: int = DEFAULT_CHUNK,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    ring_bytes: int = DEFAULT_RING_BYTES,
+    only: Sequence[str] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> dict:
     """Run every variant ``repeat`` times, interleaved; returns the JSON document."""
     layout.check_capacity(ring_bytes)
     variants = [BY_KEY[k] for k in only] if only else VARIANTS
@@ -531,23 +548,34 @@ def run_benchmark(*, n: int = DEFAULT_N, repeat: int = DEFAULT_REPEAT, chunk: in
         rates = [x.rate for x in runs[v.key]]
         if rates:
             med = statistics.median(rates)
-            entry.update(intents_per_s=med, us_per_intent=1e6 / med if med else None,
-                         min_intents_per_s=min(rates), max_intents_per_s=max(rates),
-                         runs=[{"seconds": x.seconds, "intents_per_s": x.rate, **x.extra} for x in runs[v.key]])
+            entry.update(
+                intents_per_s=med,
+                us_per_intent=1e6 / med if med else None,
+                min_intents_per_s=min(rates),
+                max_intents_per_s=max(rates),
+                runs=[{"seconds": x.seconds, "intents_per_s": x.rate, **x.extra} for x in runs[v.key]],
+            )
         else:
-            entry.update(intents_per_s=None, us_per_intent=None, min_intents_per_s=None,
-                         max_intents_per_s=None, runs=[])
+            entry.update(
+                intents_per_s=None, us_per_intent=None, min_intents_per_s=None, max_intents_per_s=None, runs=[]
+            )
         results.append(entry)
     base = next((e for e in results if e["key"] == BASELINE and e["intents_per_s"]), None)
     for e in results:
-        e["ratio_to_baseline"] = (e["intents_per_s"] / base["intents_per_s"]
-                                  if base and e["intents_per_s"] else None)
+        e["ratio_to_baseline"] = e["intents_per_s"] / base["intents_per_s"] if base and e["intents_per_s"] else None
     return {
         "tool": "bench_ipc",
         "machine": report.machine(report.embedded_pg_version() + " (embedded wheel; not used here)"),
-        "params": {"n": n, "repeat": repeat, "chunk": chunk, "max_batch": max_batch, "ring_bytes": ring_bytes,
-                   "payload_bytes_mean": round(payload_bytes, 1), "start_method": "fork",
-                   "wait_timeout_s": WAIT_S},
+        "params": {
+            "n": n,
+            "repeat": repeat,
+            "chunk": chunk,
+            "max_batch": max_batch,
+            "ring_bytes": ring_bytes,
+            "payload_bytes_mean": round(payload_bytes, 1),
+            "start_method": "fork",
+            "wait_timeout_s": WAIT_S,
+        },
         "baseline": BASELINE,
         "results": results,
     }
@@ -572,18 +600,27 @@ def render(doc: dict) -> str:
             rows.append((e["variant"], "skipped", "-", "-", "-"))
             notes.append(f"{e['key']}: skipped, {e['skipped']}")
             continue
-        rows.append((e["variant"], report.fmt_rate(e["intents_per_s"]), report.fmt_us(e["us_per_intent"]),
-                     f"{report.fmt_rate(e['min_intents_per_s'])}…{report.fmt_rate(e['max_intents_per_s'])}",
-                     report.fmt_ratio(e["ratio_to_baseline"])))
+        rows.append(
+            (
+                e["variant"],
+                report.fmt_rate(e["intents_per_s"]),
+                report.fmt_us(e["us_per_intent"]),
+                f"{report.fmt_rate(e['min_intents_per_s'])}…{report.fmt_rate(e['max_intents_per_s'])}",
+                report.fmt_ratio(e["ratio_to_baseline"]),
+            )
+        )
     lines.append(report.table(HEADERS, rows))
     if notes:
         lines += [""] + notes
     ring = next((e for e in doc["results"] if e["key"] == "ring" and e["runs"]), None)
     if ring:
         last = ring["runs"][-1]
-        lines += ["", f"ring, last round: {last['runs']} reader runs (mean {last['mean_run']} records), "
-                      f"{last['reader_waits']} reader waits, {last['publishes']} publishes, "
-                      f"{last['writer_full_waits']} writer waits on a full ring"]
+        lines += [
+            "",
+            f"ring, last round: {last['runs']} reader runs (mean {last['mean_run']} records), "
+            f"{last['reader_waits']} reader waits, {last['publishes']} publishes, "
+            f"{last['writer_full_waits']} writer waits on a full ring",
+        ]
     return "\n".join(lines)
 
 
@@ -592,27 +629,55 @@ def build_parser(prog: str = "bench_ipc") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Measure the hand-off rate of intents from one writer process to a reader: the "
-                    "engine's shared-memory ring (ipc.ring.Ring, eventfd wake-ups, one msgspec decode per "
-                    "run) versus multiprocessing.Queue (per record, and lists per put) and faster-fifo if "
-                    "it is importable. Same records, same run, interleaved rounds; prints a machine line "
-                    "and a table (median intents/s and the ratio to multiprocessing.Queue); --json also "
-                    "writes the figures as JSON. Nothing busy-waits; no process or shared memory is left.",
+        "engine's shared-memory ring (ipc.ring.Ring, eventfd wake-ups, one msgspec decode per "
+        "run) versus multiprocessing.Queue (per record, and lists per put) and faster-fifo if "
+        "it is importable. Same records, same run, interleaved rounds; prints a machine line "
+        "and a table (median intents/s and the ratio to multiprocessing.Queue); --json also "
+        "writes the figures as JSON. Nothing busy-waits; no process or shared memory is left.",
         epilog="Variants: " + "; ".join(f"{v.key} = {v.label}" for v in VARIANTS) + ".",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-n", "--records", dest="n", type=report.positive_int, default=DEFAULT_N,
-                   help="intents each variant moves per round")
-    p.add_argument("--repeat", type=report.positive_int, default=DEFAULT_REPEAT,
-                   help="rounds; the table shows the median")
-    p.add_argument("--chunk", type=report.positive_int, default=DEFAULT_CHUNK,
-                   help="records the ring writer appends per publish (one cursor store + one wake-up)")
-    p.add_argument("--max-batch", type=report.positive_int, default=DEFAULT_MAX_BATCH,
-                   help="records per reader run, per queue list and per faster-fifo get_many")
-    p.add_argument("--ring-bytes", type=_power_of_two, default=DEFAULT_RING_BYTES,
-                   help="ring capacity in bytes (a power of two; the engine's default)")
-    p.add_argument("--only", type=_variant_list, metavar="VARIANT[,VARIANT…]",
-                   help="run only these variants (comma-separated keys, see below)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                   help="seconds one round may take before it is aborted as an error")
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "-n",
+        "--records",
+        dest="n",
+        type=report.positive_int,
+        default=DEFAULT_N,
+        help="intents each variant moves per round",
+    )
+    p.add_argument(
+        "--repeat", type=report.positive_int, default=DEFAULT_REPEAT, help="rounds; the table shows the median"
+    )
+    p.add_argument(
+        "--chunk",
+        type=report.positive_int,
+        default=DEFAULT_CHUNK,
+        help="records the ring writer appends per publish (one cursor store + one wake-up)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=report.positive_int,
+        default=DEFAULT_MAX_BATCH,
+        help="records per reader run, per queue list and per faster-fifo get_many",
+    )
+    p.add_argument(
+        "--ring-bytes",
+        type=_power_of_two,
+        default=DEFAULT_RING_BYTES,
+        help="ring capacity in bytes (a power of two; the engine's default)",
+    )
+    p.add_argument(
+        "--only",
+        type=_variant_list,
+        metavar="VARIANT[,VARIANT…]",
+        help="run only these variants (comma-separated keys, see below)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds one round may take before it is aborted as an error",
+    )
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
@@ -644,8 +709,15 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so writers are reaped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
-        doc = run_benchmark(n=args.n, repeat=args.repeat, chunk=args.chunk, max_batch=args.max_batch,
-                            ring_bytes=args.ring_bytes, only=args.only, timeout_s=args.timeout)
+        doc = run_benchmark(
+            n=args.n,
+            repeat=args.repeat,
+            chunk=args.chunk,
+            max_batch=args.max_batch,
+            ring_bytes=args.ring_bytes,
+            only=args.only,
+            timeout_s=args.timeout,
+        )
     except KeyboardInterrupt:
         log.warning("interrupted; writers reaped, nothing measured")
         return 130

@@ -13,7 +13,8 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 UNKNOWN = "unknown"
 
@@ -47,8 +48,10 @@ def embedded_pg_version() -> str:
     started), or ``unknown`` when the wheel is missing."""
     try:
         from persistence.embedded import bin_dir
-        out = subprocess.run([str(bin_dir() / "postgres"), "--version"], capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
+
+        out = subprocess.run(
+            [str(bin_dir() / "postgres"), "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
     except Exception:  # noqa: BLE001 - any failure only means the line says "unknown"
         return UNKNOWN
     # "postgres (PostgreSQL) 18.1" -> "18.1"
@@ -79,8 +82,10 @@ def machine_line(m: dict[str, Any]) -> str:
     """One line for humans: ``machine: AMD EPYC, 2 cores, 23.5 GiB RAM, ...``."""
     ram = UNKNOWN if m["ram_gib"] is None else f"{m['ram_gib']} GiB"
     cores = f"{m['cores']} cores" + (f" ({m['usable_cores']} usable)" if m["usable_cores"] != m["cores"] else "")
-    return (f"machine: {m['cpu']}, {cores}, {ram} RAM, {m['arch']} Linux {m['kernel']}, "
-            f"{m['implementation']} {m['python']}, PostgreSQL {m['postgresql']}")
+    return (
+        f"machine: {m['cpu']}, {cores}, {ram} RAM, {m['arch']} Linux {m['kernel']}, "
+        f"{m['implementation']} {m['python']}, PostgreSQL {m['postgresql']}"
+    )
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
@@ -91,8 +96,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | No
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
-        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w)
-                         for c, w, a in zip(row, widths, align)).rstrip()
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
@@ -119,6 +123,7 @@ def fmt_ratio(value: float | None) -> str:
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1, with a message that says so."""
     import argparse
+
     try:
         value = int(text)
     except ValueError:

@@ -53,34 +53,71 @@ def fit(points: list[SweepPoint]) -> dict:
     predicted = 1 / (c_batch / n + c_op)
     rms = float(np.sqrt(np.mean(((predicted - thr) / thr) ** 2)))
     c_ind = float(1 / thr[n == 1][0]) if (n == 1).any() else float(c_batch + c_op)
-    return {"c_ind_us": c_ind * 1e6, "c_batch_us": float(c_batch) * 1e6, "c_op_us": float(c_op) * 1e6,
-            # In the seed's units (C_ind = 3 round trips):
-            "c_batch_rt": float(c_batch / c_ind * 3), "c_op_rt": float(c_op / c_ind * 3),
-            "rms_relative_error": rms,
-            "predicted": {int(k): float(v) for k, v in zip(n, predicted)}}
+    return {
+        "c_ind_us": c_ind * 1e6,
+        "c_batch_us": float(c_batch) * 1e6,
+        "c_op_us": float(c_op) * 1e6,
+        # In the seed's units (C_ind = 3 round trips):
+        "c_batch_rt": float(c_batch / c_ind * 3),
+        "c_op_rt": float(c_op / c_ind * 3),
+        "rms_relative_error": rms,
+        "predicted": {int(k): float(v) for k, v in zip(n, predicted)},
+    }
 
 
-def run(sizes=SEED_SIZES, *, connections: int = 8, in_flight: int = 256, duration: float = 4.0,
-        entities: int = 10_000, window_ms: float = 10.0, dsn: str | None = None, progress=None) -> dict:
+def run(
+    sizes=SEED_SIZES,
+    *,
+    connections: int = 8,
+    in_flight: int = 256,
+    duration: float = 4.0,
+    entities: int = 10_000,
+    window_ms: float = 10.0,
+    dsn: str | None = None,
+    progress=None,
+) -> dict:
     tmp = tempfile.mkdtemp(prefix="bs-sweep-")
-    scheduler = BatchScheduler(socket=os.path.join(tmp, "e.sock"), data_dir=os.path.join(tmp, "var"),
-                               dsn=dsn, time_window_ms=window_ms, max_batch_size=max(sizes),
-                               log_level="WARNING")
+    scheduler = BatchScheduler(
+        socket=os.path.join(tmp, "e.sock"),
+        data_dir=os.path.join(tmp, "var"),
+        dsn=dsn,
+        time_window_ms=window_ms,
+        max_batch_size=max(sizes),
+        log_level="WARNING",
+    )
     points = []
     try:
         scheduler.start()
         loadgen.spawn_entities(scheduler.socket_path, entities)
         for size in sizes:
             scheduler.configure(max_batch_size=size)
-            plan = loadgen.Plan(socket=scheduler.socket_path, connections=connections, in_flight=in_flight,
-                                duration=duration, entities=entities, seed=size)
+            plan = loadgen.Plan(
+                socket=scheduler.socket_path,
+                connections=connections,
+                in_flight=in_flight,
+                duration=duration,
+                entities=entities,
+                seed=size,
+            )
             result = loadgen.run(plan, progress=progress)
             stats = loadgen.batch_stats(scheduler.dsn, *result["window"])
-            points.append(SweepPoint(size, result["throughput"], result["latency_ms"]["p50"],
-                                     result["latency_ms"]["p99"], stats.get("size_mean", 0.0), result["lost"]))
+            points.append(
+                SweepPoint(
+                    size,
+                    result["throughput"],
+                    result["latency_ms"]["p50"],
+                    result["latency_ms"]["p99"],
+                    stats.get("size_mean", 0.0),
+                    result["lost"],
+                )
+            )
     finally:
         scheduler.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     best = max(points, key=lambda p: p.throughput)
-    return {"points": [dataclasses.asdict(p) for p in points], "optimum": best.size,
-            "fit": fit(points), "seed_table": SEED_TABLE}
+    return {
+        "points": [dataclasses.asdict(p) for p in points],
+        "optimum": best.size,
+        "fit": fit(points),
+        "seed_table": SEED_TABLE,
+    }
