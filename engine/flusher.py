@@ -21,10 +21,10 @@ import logging
 import signal
 import time
 
-import msgspec
 import psycopg
 
 from engine import policy
+from engine.handoff import OutcomeOutbox
 from engine.intent import DEAD_LETTERED, Outcome, clip_reason
 from engine.options import Options
 from engine.pipeline import Pipeline
@@ -113,7 +113,7 @@ class FlusherProcess:
     ) -> None:
         self.control = control
         self.rings = control.intent_rings
-        self.outcome_rings = control.outcome_rings
+        self.outboxes = [OutcomeOutbox(r) for r in control.outcome_rings]
         self.data_wake = data_wake
         self.ingest_wakes = ingest_wakes
         self.dsn = dsn
@@ -143,7 +143,6 @@ class FlusherProcess:
         self.retry_at = 0.0  # monotonic time before which no write is attempted
         self.conn: psycopg.Connection | None = None
         self.writer: BatchWriter | None = None
-        self._outcome_enc = msgspec.msgpack.Encoder()
         # One writer thread owns the connection's fast writes while the main
         # thread cuts and plans the next batch (psycopg releases the GIL
         # while it waits on the socket).
@@ -394,27 +393,23 @@ class FlusherProcess:
         )
 
     def _publish_outcomes(self, ring_index: int, positions: list[int], ord_base: int, result: WriteResult) -> None:
+        """Hand every outcome of these positions to the ingest; returns only
+        when all are in the outcome ring (the caller releases after that).
+        The ingest drains the ring whenever it is woken and holds what it
+        read until the release (engine/handoff.py); rare path."""
         if not result.outcomes:
             return
-        ring = self.outcome_rings[ring_index]
-        encode = self._outcome_enc.encode
-        delay = 0.001
+        outbox = self.outboxes[ring_index]
         pending = []
         for j, pos in enumerate(positions):
             out = result.outcomes.get(ord_base + j + 1)
             if out is not None:
                 status, code, reason, duplicate = out
-                pending.append(encode(Outcome(pos, status, code, clip_reason(reason), duplicate)))
+                pending.append(outbox.encode(Outcome(pos, status, code, clip_reason(reason), duplicate)))
+        delay = 0.001
         while pending:
-            written = 0
-            with ring.claim() as claim:
-                for payload in pending:
-                    if not claim.try_append(payload):
-                        break
-                    written += 1
-            del pending[:written]
+            del pending[: outbox.publish(pending)]
             if pending:
-                # The ingest drains this ring whenever it is woken; rare path.
                 self.ingest_wakes[ring_index].signal()
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)

@@ -4,9 +4,10 @@ One asyncio loop. Each connection decodes its frames (``ipc.wire``) into
 ``Intent`` structs, validates them, and appends ring records; one publish and
 one flusher wake-up per socket read, not per intent. The ingest remembers
 ``(ring position, connection, client_id, seq)`` for every record it wrote.
-When the flusher's commit cursor passes a position, that intent is durable:
-the ingest reads the outcome ring for the exceptions (dead letters,
-duplicates) and replies to everything before the cursor.
+When the flusher's release cursor passes a position, that intent is durable:
+the ingest replies with the outcome the flusher handed over for it, or
+``committed`` when there is none (``engine/handoff.py`` states the rule that
+keeps a reply equal to the stored outcome).
 
 Backpressure, never loss: a full ring, too many unanswered intents on one
 connection, or a client that does not read its replies each pause reading
@@ -27,7 +28,8 @@ import msgspec
 
 from engine import intent as im
 from engine import metrics
-from engine.intent import DecodedRecord, Intent, Outcome, Probe, Reply, Request
+from engine.handoff import OutcomeInbox
+from engine.intent import DecodedRecord, Intent, Probe, Reply, Request
 from engine.options import Options
 from ipc import wire
 from ipc.control import Control
@@ -147,7 +149,7 @@ class IngestProcess:
         self.control = control
         self.ring = control.intent_rings[index]
         self.ring.resume_producer()
-        self.outcomes = control.outcome_rings[index]
+        self.inbox = OutcomeInbox(self.ring, control.outcome_rings[index])
         self.listener = listener
         self.data_wake = data_wake
         self.commit_wake = commit_wake
@@ -168,7 +170,6 @@ class IngestProcess:
         self._req_pack = msgspec.msgpack.Decoder(Request)
         self._json = msgspec.json.Encoder()
         self._pack = msgspec.msgpack.Encoder()
-        self._outcome_dec = msgspec.msgpack.Decoder(Outcome)
 
     # -------------------------------------------------------------- lifecycle
     async def serve(self) -> None:
@@ -440,19 +441,19 @@ class IngestProcess:
     def on_commit(self) -> None:
         """The flusher advanced our commit cursor: reply to what is durable."""
         self.commit_wake.drain()
-        committed = self.ring.committed()
-        exceptions = self._read_outcomes()
+        inbox = self.inbox
+        released = inbox.released()
         waiting = self.waiting
         touched: set[Connection] = set()
         encode_json = self._json.encode
         encode_pack = self._pack.encode
         replies = 0
-        while waiting and waiting[0][0] < committed:
+        while waiting and waiting[0][0] < released:
             position, conn, client_id, seq = waiting.popleft()
             replies += 1
+            out = inbox.take(position)
             if conn.closed:
                 continue
-            out = exceptions.get(position)
             reply = (
                 Reply(client_id, seq, im.COMMITTED)
                 if out is None
@@ -464,6 +465,7 @@ class IngestProcess:
                 conn.out.append(encode_json(reply) + b"\n")
             conn.in_flight -= 1
             touched.add(conn)
+        inbox.forget_below(released)
         if replies:
             self.counters.add(I.REPLIES, replies)
         limit = self.options.max_in_flight_per_connection
@@ -488,23 +490,6 @@ class IngestProcess:
         if not blocked:
             self.counters.set(I.PAUSED, 0)
 
-    def _read_outcomes(self) -> dict[int, Outcome]:
-        ring = self.outcomes
-        start = ring.committed()
-        end = ring.published()
-        if end <= start:
-            return {}
-        run = ring.read(start, end, 1 << 30)
-        decode = self._outcome_dec.decode
-        found = {}
-        for view in run.payloads:
-            out = decode(view)
-            found[out.position] = out
-        run.release()
-        ring.commit(run.end)
-        return found
-
-    # ----------------------------------------------------------------- status
     def health(self) -> dict:
         f = self.control.flusher
         last = f.get(F.LAST_FLUSH_WALL_NS)
