@@ -11,6 +11,13 @@ settings the engine promises (``fsync`` and ``synchronous_commit`` on),
 listening on a Unix socket only, and stopped with a fast shutdown when the
 engine stops. PostgreSQL refuses to run as root; under root it runs as the
 unprivileged system user ``batchscheduler_pg`` (created on first use).
+
+A ``postmaster.pid`` found in the data directory is trusted for nothing: its
+PID is signalled only once psutil shows that it is a ``postgres`` process
+serving exactly this data directory, started when the file says (PID reuse),
+and orphaned by an engine that is gone. A live server whose parent is another
+live process belongs to another engine: start() refuses. Anything else is a
+stale file: a warning, and the PID is left alone (see ``_claim_pidfile``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -25,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil  # type: ignore[import-untyped]
 import psycopg
 
 from engine.errors import StartupError
@@ -38,6 +47,14 @@ DATABASE = "postgres"
 # on a loaded 2-core box; a first start (initdb included) took ~1 s here.
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
+# How far a process's start time may be from the one its postmaster.pid
+# records (line 3) for the two to be the same process. PostgreSQL writes
+# whole seconds (time(NULL)); psutil adds clock ticks since boot to a boot
+# time in whole seconds: each side can be up to ~1 s off. A PID reused
+# by another process started later than that is told apart.
+START_TIME_SLACK_S = 3.0
+# postmaster.pid lines (PostgreSQL's LOCK_FILE_LINE_*), 0-based.
+_PIDFILE_PID, _PIDFILE_START = 0, 2
 
 
 _prctl = None
@@ -75,8 +92,9 @@ class EmbeddedPostgres:
     """A PostgreSQL server owned by this process.
 
     ``start()`` initialises ``pgdata`` on first use, stops a server left
-    running there by a killed engine, starts a fresh one and waits until it
-    accepts connections. ``stop()`` is a fast shutdown (SIGINT), escalating to
+    running there by a killed engine (verified to be one, see
+    ``_claim_pidfile``), refuses if a live engine's server runs there, starts
+    a fresh one and waits until it accepts connections. ``stop()`` is a fast shutdown (SIGINT), escalating to
     SIGQUIT and SIGKILL after ``STOP_TIMEOUT_S``; it always reaps.
     """
 
@@ -125,8 +143,9 @@ class EmbeddedPostgres:
             self._prepare_for_user(binaries)
         if not (self.pgdata / "PG_VERSION").exists():
             self._initdb(binaries)
-        self._stop_stale()
-        self._sockdir = self._socket_dir()
+        self._claim_pidfile()
+        if self._sockdir is None:
+            self._sockdir = self._socket_dir()
         logfile = self.pgdata / "server.log"
         args = [str(binaries / "postgres"), "-D", str(self.pgdata), "-k", str(self._sockdir), "-p", "5432"]
         for key, value in self.settings.items():
@@ -172,6 +191,32 @@ class EmbeddedPostgres:
             self._tempdir = None
         self._sockdir = None
 
+    def exit_code(self) -> int | None:
+        """The server's exit status once it has exited (and is reaped), else None."""
+        return None if self._proc is None else self._proc.poll()
+
+    def restart(self) -> str:
+        """Start a new server after this one died, on the same socket
+        directory, so the DSN every worker holds stays valid; PostgreSQL's
+        own crash recovery runs as it starts. Raises StartupError when it
+        does not come up (the caller retries with backoff); a server half
+        started is stopped, the socket directory kept."""
+        if self._proc is not None and self._proc.poll() is None:
+            raise StartupError(f"embedded PostgreSQL (pid {self._proc.pid}) is still running")
+        self._proc = None
+        sockdir, tempdir = self._sockdir, self._tempdir
+        try:
+            return self.start()
+        except BaseException:
+            # start() cleaned up as for a first start; a restart keeps the
+            # socket directory that every DSN handed out names.
+            self._sockdir, self._tempdir = sockdir, tempdir
+            if tempdir:
+                os.makedirs(tempdir, exist_ok=True)
+                if self._user:
+                    shutil.chown(tempdir, self._user, self._user)
+            raise
+
     def __enter__(self) -> EmbeddedPostgres:
         self.start()
         return self
@@ -190,15 +235,11 @@ class EmbeddedPostgres:
         root-owned directories, before the "other" bits we rely on)."""
         if not self._user:
             return {}
-        import pwd
-
         entry = pwd.getpwnam(SYSTEM_USER)
         return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
     def _prepare_for_user(self, binaries: Path) -> None:
         assert self._user is not None
-        import pwd
-
         try:
             pwd.getpwnam(self._user)
         except KeyError:
@@ -246,29 +287,158 @@ class EmbeddedPostgres:
         if result.returncode:
             raise StartupError(f"initdb failed for {self.pgdata}:\n{result.stdout}{result.stderr}")
 
-    def _stop_stale(self) -> None:
-        """A server left running in pgdata (its engine was SIGKILLed) is
-        stopped, so this engine owns the one it talks to."""
+    def _claim_pidfile(self) -> None:
+        """Deal with a ``postmaster.pid`` left in pgdata, signalling nothing
+        that is not verified to be ours (DESIGN contract 9).
+
+        * Its PID is the postmaster of this data directory (``_identify``)
+          and its parent is gone (reparented to init, or to a subreaper
+          among our own ancestors) or is us: a server left behind by a
+          killed engine. It is stopped (fast shutdown, SIGKILL after
+          ``STOP_TIMEOUT_S``), through psutil, which refuses to signal a PID
+          that was reused in the meantime.
+        * It is that postmaster and its parent is another live process:
+          another engine owns the data directory. StartupError; the server
+          is left alone.
+        * Anything else (no such process, an unrelated process, a postgres
+          of another data directory or started at another time): the file
+          is stale. A warning names the PID and what it is; the PID is never
+          signalled. The file is removed only where PostgreSQL itself would
+          refuse to start over it (``_blocks_postgres``); otherwise
+          PostgreSQL replaces it, its own shared-memory interlock intact.
+        """
         pidfile = self.pgdata / "postmaster.pid"
         try:
-            pid = int(pidfile.read_text().split("\n", 1)[0])
-        except (FileNotFoundError, ValueError):
+            text = pidfile.read_text(errors="replace")
+        except FileNotFoundError:
             return
+        lines = text.split("\n")
+        pid = _int_or_none(lines[_PIDFILE_PID])
+        if pid is None or pid <= 0:
+            # PostgreSQL stops on an empty or bogus lock file ("lock file is
+            # empty", "bogus data in lock file"); nothing in it to signal.
+            log.warning("removing stale %s: it names no PID (%r)", pidfile, text[:80])
+            _unlink(pidfile)
+            return
+        started = _int_or_none(lines[_PIDFILE_START]) if len(lines) > _PIDFILE_START else None
+        proc, what, here = self._identify(pid, started)
+        if proc is None:
+            # A postgres in this very data directory that is not the one the
+            # file names: PostgreSQL's own interlock decides, never us.
+            blocks = not here and self._blocks_postgres(pid)
+            log.warning(
+                "stale %s: PID %d is not the PostgreSQL of this data directory (%s); not signalling it%s",
+                pidfile,
+                pid,
+                what,
+                "; removing the file, which PostgreSQL would refuse to start over" if blocks else "",
+            )
+            if blocks:
+                _unlink(pidfile)
+            return
+        owner = self._live_owner(proc)
+        if owner is not None:
+            raise StartupError(
+                f"PostgreSQL (pid {pid}) is running in {self.pgdata} for another live process ({owner}): "
+                "another engine owns this data directory; stop it first or use another --data-dir"
+            )
+        self._stop_orphan(proc)
+
+    def _identify(self, pid: int, started: int | None) -> tuple[psutil.Process | None, str, bool]:
+        """``(process, description, True)`` when ``pid`` is a PostgreSQL
+        postmaster for exactly this data directory, started when its
+        postmaster.pid says; else ``(None, what pid actually is, here)``,
+        ``here`` being whether it is a postgres in this data directory."""
         try:
-            os.kill(pid, signal.SIGINT)
-        except ProcessLookupError:
+            proc = psutil.Process(pid)
+            name = proc.name()
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None, f"a defunct process named {name!r}", False
+            cmdline = proc.cmdline()
+            created = proc.create_time()
+        except psutil.NoSuchProcess:
+            return None, "no process has that PID", False
+        except psutil.AccessDenied:
+            return None, "a process this user may not inspect", False
+        what = _describe(pid, name, cmdline)
+        # The binary is bin/postgres in the wheel (and in any PostgreSQL
+        # install); a backend has the same name but rewrites its command
+        # line ("postgres: checkpointer"), so it has no -D.
+        if name != "postgres":
+            return None, what, False
+        data_dir = _data_dir_arg(cmdline)
+        if data_dir is None or not Path(data_dir).is_absolute():
+            try:  # the postmaster chdirs into its data directory
+                data_dir = proc.cwd()
+            except psutil.Error:
+                return None, f"{what}, whose data directory cannot be read", False
+        if not _same_path(data_dir, self.pgdata):
+            return None, f"{what}, serving data directory {data_dir}", False
+        if started is None or abs(created - started) > START_TIME_SLACK_S:
+            return (
+                None,
+                (
+                    f"{what}, started at {created:.0f} while postmaster.pid records "
+                    f"{'no start time' if started is None else started}: not the process that wrote it"
+                ),
+                True,
+            )
+        return proc, what, True
+
+    def _live_owner(self, proc: psutil.Process) -> str | None:
+        """The live process other than us that the server ``proc`` belongs
+        to, described; None when it is an orphan (its engine is gone) or ours.
+
+        An orphan is reparented to init or to the nearest subreaper above its
+        dead parent: one of our own ancestors when we were started the way
+        that engine was. A live engine's server is its supervisor's child."""
+        try:
+            parent = proc.parent()
+            if parent is None or parent.pid in (0, 1, os.getpid()):
+                return None
+            if parent.pid in {p.pid for p in psutil.Process().parents()}:
+                return None
+            if parent.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return _describe(parent.pid, parent.name(), parent.cmdline())
+        except psutil.NoSuchProcess:  # the parent exited just now: an orphan
+            return None
+        except psutil.AccessDenied:
+            return f"pid {proc.ppid()}, which this user may not inspect"
+
+    def _stop_orphan(self, proc: psutil.Process) -> None:
+        log.warning("stopping PostgreSQL (pid %d) left running in %s by an engine that is gone", proc.pid, self.pgdata)
+        try:
+            proc.send_signal(signal.SIGINT)  # psutil refuses a PID reused since _identify
+            proc.wait(STOP_TIMEOUT_S)
             return
-        log.warning("stopping PostgreSQL (pid %d) left running in %s", pid, self.pgdata)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        delay = 0.01
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(delay)
-            delay = min(delay * 2, 0.2)
-        os.kill(pid, signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            return
+        except psutil.TimeoutExpired:
+            log.warning("PostgreSQL (pid %d) did not stop after SIGINT; sending SIGKILL", proc.pid)
+        try:
+            proc.kill()
+            proc.wait(5.0)
+        except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+            pass
+
+    def _blocks_postgres(self, pid: int) -> bool:
+        """Would PostgreSQL refuse to start over a lock file naming ``pid``?
+
+        It does when ``kill(pid, 0)`` succeeds from the server's user, i.e.
+        the process is alive and its real or saved uid is that user's (EPERM
+        counts as "not a postmaster of mine"); it ignores its own parent (us)
+        and grandparent."""
+        if pid in (os.getpid(), os.getppid()):
+            return False
+        try:
+            uids = psutil.Process(pid).uids()
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.AccessDenied:  # hidden from us: not ours, so not the server's user either
+            return False
+        server_uid = pwd.getpwnam(self._user).pw_uid if self._user else os.geteuid()
+        return server_uid in (uids.real, uids.saved)
 
     def _socket_dir(self) -> Path:
         # Unix socket paths are limited to 107 bytes; fall back to a short
@@ -305,3 +475,41 @@ class EmbeddedPostgres:
             f"embedded PostgreSQL in {self.pgdata} did not become ready "
             f"(exit code {code}, last error: {last_error}); server log tail:\n{tail}"
         )
+
+
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+def _describe(pid: int, name: str, cmdline: list[str]) -> str:
+    command = " ".join(cmdline) or name
+    if len(command) > 160:
+        command = command[:157] + "..."
+    return f"pid {pid}, {name!r}: {command}"
+
+
+def _data_dir_arg(cmdline: list[str]) -> str | None:
+    """The ``-D`` argument of a postgres command line, if any."""
+    for i, arg in enumerate(cmdline):
+        if arg == "-D" and i + 1 < len(cmdline):
+            return cmdline[i + 1]
+        if arg.startswith("-D") and len(arg) > 2:
+            return arg[2:]
+    return None
+
+
+def _same_path(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
