@@ -22,6 +22,12 @@ Per batch in ``write``, in one transaction:
    decided on.
 3. ``COMMIT``. Nothing is acknowledged before it returns.
 
+The records that were not new are then looked up in one read
+(``ORIGINAL_OUTCOMES``): a resend of the stored intent gets its stored
+outcome, marked duplicate; a record that shares only the key -- another
+entity, kind or args under a seq already used -- is rejected ``seq_reused``,
+naming what is stored, and nothing is stored for it.
+
 Without a planner (log-only) BEGIN, step 1 and COMMIT go in one pipeline
 sync: one round trip per batch. With one, BEGIN and step 1 are a round trip
 and steps 2-3 a second.
@@ -66,11 +72,21 @@ RETURNING batch_ord"""
 INSERT_LOG_PLAIN = INSERT_LOG.split("ON CONFLICT")[0].rstrip()
 
 # Original outcome of the records that were not new (resends, or a batch
-# retried after a crash between COMMIT and the acknowledgement).
-ORIGINAL_OUTCOMES = f"""SELECT x.ord, l.status, coalesce(l.code, ''), coalesce(l.reason, '')
+# retried after a crash between COMMIT and the acknowledgement), and whether
+# each is the stored intent again: same entity and kind (text), same args
+# (jsonb equality: key order and number spelling aside, the same value). A
+# record that only shares the key is another intent reusing a seq; the
+# stored kind and entity name the original in its rejection.
+ORIGINAL_OUTCOMES = f"""SELECT x.ord, l.status, coalesce(l.code, ''), coalesce(l.reason, ''),
+       l.entity = x.r->>2 AND l.kind = x.r->>3 AND l.args = x.r->4, l.client_id, l.seq, l.entity, l.kind
 FROM jsonb_array_elements(%(batch)s::jsonb) WITH ORDINALITY AS x(r, ord)
 JOIN {S}.intent_log l ON l.client_id = x.r->>0 AND l.seq = (x.r->>1)::int8
 WHERE x.ord = ANY(%(ords)s::int8[])"""
+
+# A resend whose (client_id, seq) is stored for a different intent: nothing
+# is stored for it, and it is not the stored intent's duplicate either.
+REJECTED = "rejected"
+SEQ_REUSED = "seq_reused"
 
 MARK_DEAD = f"""UPDATE {S}.intent_log l SET status = 'dead_lettered', code = d.code, reason = d.reason
 FROM unnest(%(ords)s::int4[], %(codes)s::text[], %(reasons)s::text[]) AS d(ord, code, reason)
@@ -123,7 +139,10 @@ class WriteResult:
     new: int
     outcomes: dict[int, tuple[str, str, str, bool]]
     """ord -> (status, code, reason, duplicate) for every intent that is not
-    simply newly committed; absent ords are newly committed."""
+    simply newly committed; absent ords are newly committed. A resend of the
+    stored intent has its stored outcome with ``duplicate`` True; another
+    intent under a stored key is ``("rejected", "seq_reused", why, False)``
+    (nothing stored for it)."""
 
 
 def _scalar(cursor: psycopg.Cursor[Any]) -> Any:
@@ -332,8 +351,18 @@ class BatchWriter:
             missing = [o for o in range(1, size + 1) if o not in new_set]
             rows = self.conn.execute(ORIGINAL_OUTCOMES, {"batch": batch, "ords": missing}).fetchall()
             self.conn.commit()  # read-only; ends the implicit transaction
-            for ord_, status, code, reason in rows:
-                outcomes[ord_] = (status, code, reason, True)
+            for ord_, status, code, reason, same, client_id, seq, entity, kind in rows:
+                if same:
+                    outcomes[ord_] = (status, code, reason, True)
+                else:
+                    stored = f"{status}: {code}" if code else status
+                    outcomes[ord_] = (
+                        REJECTED,
+                        SEQ_REUSED,
+                        f"seq {seq} of client {client_id} was already used for a different intent "
+                        f"(stored: {kind} on {entity}, {stored})",
+                        False,
+                    )
             for ord_ in missing:  # a row we cannot find cannot be acknowledged as stored
                 outcomes.setdefault(ord_, ("dead_lettered", "lost_conflict", "conflicting row vanished; resend", True))
         return WriteResult(batch_id, len(new_set), outcomes)

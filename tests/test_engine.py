@@ -6,10 +6,12 @@ import asyncio
 import json
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 
+import msgspec
 import psutil
 import pytest
 from conftest import ROOT, query, wait_for
@@ -105,6 +107,110 @@ def test_resent_dead_letter_gets_its_original_reason(engine):
     assert first.code == again.code == "no_such_entity"
     assert again.duplicate and again.reason == first.reason
     assert query(engine.dsn, "SELECT count(*) FROM batchscheduler.dead_letters") == [(1,)]
+
+
+class WireClient:
+    """One raw connection speaking one framing; every read is bounded."""
+
+    def __init__(self, path, framing: str) -> None:
+        self.framing = framing
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(15)
+        self.sock.connect(str(path))
+        self.buf = b""
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 16)
+        assert chunk, "connection closed before a reply"
+        self.buf += chunk
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def submit(self, obj: dict) -> dict:
+        if self.framing == "msgpack":
+            payload = msgspec.msgpack.encode(obj)
+            self.sock.sendall(struct.pack(">I", len(payload)) + payload)
+            (n,) = struct.unpack(">I", self._read(4))
+            return msgspec.msgpack.decode(self._read(n))
+        self.sock.sendall(json.dumps(obj).encode() + b"\n")
+        while b"\n" not in self.buf:
+            self._fill()
+        line, _, self.buf = self.buf.partition(b"\n")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("framing", ["json", "msgpack"])
+def test_seq_reused_for_a_different_intent_is_rejected_and_stores_nothing(engine, framing):
+    """(client_id, seq) names ONE intent: a resend that differs in entity,
+    kind or args is not a duplicate of the stored one, it is rejected
+    (``seq_reused``, naming the stored intent and outcome); the identical
+    resend still gets the original outcome, marked duplicate."""
+    wire = WireClient(engine.socket, framing)
+    try:
+
+        def intent(seq, entity, kind, args):
+            return {"client_id": "k", "seq": seq, "entity": entity, "kind": kind, "args": args}
+
+        spawn = intent(1, "orc", "spawn", {"state": {"hp": 10, "name": "grunt"}})
+        damage = intent(2, "orc", "damage", {"amount": 3})
+        assert wire.submit(spawn) == {"client_id": "k", "seq": 1, "status": "committed"}
+        assert wire.submit(damage) == {"client_id": "k", "seq": 2, "status": "committed"}
+
+        reused = {
+            "status": "rejected",
+            "code": "seq_reused",
+            "reason": "seq 2 of client k was already used for a different intent (stored: damage on orc, committed)",
+        }
+        for other in (
+            intent(2, "orc", "heal", {"amount": 3}),  # another kind
+            intent(2, "orc", "damage", {"amount": 4}),  # other args
+            intent(2, "elf", "damage", {"amount": 3}),  # another entity
+        ):
+            assert wire.submit(other) == {"client_id": "k", "seq": 2, **reused}, other
+
+        # Nothing of the rejected resends was stored or applied.
+        assert query(engine.dsn, "SELECT state FROM batchscheduler.entities") == [({"hp": 7, "name": "grunt"},)]
+        assert query(
+            engine.dsn, "SELECT seq, entity, kind, args, status FROM batchscheduler.intent_log ORDER BY seq"
+        ) == [
+            (1, "orc", "spawn", {"state": {"hp": 10, "name": "grunt"}}, "committed"),
+            (2, "orc", "damage", {"amount": 3}, "committed"),
+        ]
+        assert query(engine.dsn, "SELECT count(*) FROM batchscheduler.dead_letters") == [(0,)]
+
+        # The byte-identical resend: its original outcome, as a duplicate.
+        assert wire.submit(damage) == {"client_id": "k", "seq": 2, "status": "committed", "duplicate": True}
+        # Key order inside args does not make another intent (jsonb equality).
+        assert wire.submit(intent(1, "orc", "spawn", {"state": {"name": "grunt", "hp": 10}})) == {
+            "client_id": "k",
+            "seq": 1,
+            "status": "committed",
+            "duplicate": True,
+        }
+
+        # A dead-lettered original is named with its code.
+        ghost = intent(3, "nobody", "move", {"dx": 1, "dy": 1})
+        first = wire.submit(ghost)
+        assert (first["status"], first["code"]) == ("dead_lettered", "no_such_entity")
+        assert wire.submit({**ghost, "args": {"dx": 2, "dy": 1}}) == {
+            "client_id": "k",
+            "seq": 3,
+            "status": "rejected",
+            "code": "seq_reused",
+            "reason": "seq 3 of client k was already used for a different intent "
+            "(stored: move on nobody, dead_lettered: no_such_entity)",
+        }
+        assert wire.submit(ghost) == {**first, "duplicate": True}
+        assert query(engine.dsn, "SELECT state FROM batchscheduler.entities") == [({"hp": 7, "name": "grunt"},)]
+    finally:
+        wire.close()
 
 
 def test_json_lines_get_one_json_reply_per_line(engine):

@@ -169,6 +169,39 @@ def test_resend_in_later_batch_is_not_applied_twice(db):
     assert snapshot(db) == {"x": {"hp": 6}}
 
 
+def test_another_intent_under_a_stored_key_is_rejected_seq_reused_on_every_write_path(db):
+    """Same batch (the plain insert declines, the general write answers),
+    and the intent-by-intent fallback: the record that only shares the key
+    is rejected and applies nothing; the identical one is a duplicate."""
+    pipeline = Pipeline(BUILTIN)
+    writer = BatchWriter(db)
+    spawn = record("k", 1, "orc", "spawn", {"state": {"hp": 10}})
+    damage = record("k", 2, "orc", "damage", {"amount": 3})
+    heal = record("k", 2, "orc", "heal", {"amount": 5})
+    reused = (
+        "rejected",
+        "seq_reused",
+        "seq 2 of client k was already used for a different intent (stored: damage on orc, committed)",
+        False,
+    )
+    batch = b"[" + b",".join([spawn, damage, heal]) + b"]"
+    now = time.time()
+    assert writer.write_fast(batch.decode(), 3, "size", now, now, pipeline.planner(batch)) is None
+    result = writer.write(batch.decode(), 3, "size", now, now, pipeline.planner(batch))
+    assert (result.new, result.outcomes) == (2, {3: reused})
+    assert snapshot(db) == {"orc": {"hp": 7}}
+
+    again = [heal, damage]
+    batch = b"[" + b",".join(again) + b"]"
+    result = writer.write_isolated(
+        batch.decode(), [r.decode() for r in again], "size", now, now, pipeline.planner(batch)
+    )
+    assert (result.new, result.outcomes) == (0, {1: reused, 2: ("committed", "", "", True)})
+    assert snapshot(db) == {"orc": {"hp": 7}}
+    assert db.execute("SELECT count(*) FROM batchscheduler.intent_log").fetchone() == (2,)
+    db.commit()
+
+
 def test_cached_path_notices_a_row_changed_behind_its_back(db):
     pipeline = Pipeline(BUILTIN)
     write_in_batches(db, pipeline, [record("s", 1, "x", "spawn", {"state": {"hp": 1}})], [1], fast=True)
