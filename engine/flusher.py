@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import select
 import signal
 import time
 
@@ -184,6 +185,7 @@ class FlusherProcess:
             if total == 0:
                 if self.stopping:
                     return
+                self._check_idle_connection()
                 self.data_wake.wait(IDLE_WAIT_S)
                 continue
             backoff_left = self.retry_at - time.monotonic()
@@ -354,23 +356,44 @@ class FlusherProcess:
         for i, k in job.takes:
             positions = self.pending[i].positions[:k]
             self._publish_outcomes(i, positions, ord_base, result)
-            _, commit_to = self.pending[i].take(k)  # dropped views release themselves
+            payloads, commit_to = self.pending[i].take(k)
+            for view in payloads:
+                # Released now, not when the collector gets to it: a view
+                # kept alive by a traceback cycle would make the segment's
+                # unmap fail at exit (BufferError, exit 1 on a drain).
+                view.release()
             self.rings[i].commit(commit_to)
             self.ingest_wakes[i].signal()
             ord_base += k
         self.batch_no += 1
         self._account(result, len(job.parts), job.reason, latency_s)
 
+    def _check_idle_connection(self) -> None:
+        """While idle, notice a lost connection (the server sends EOF or a
+        FATAL message: the socket turns readable) and reconnect on the
+        backoff clock, so health tells the truth without waiting for a
+        write. One select() per idle wake-up; no query."""
+        try:
+            if self.conn is None:
+                if time.monotonic() >= self.retry_at:
+                    self._writer()
+            elif not self.conn.closed and select.select([self.conn.fileno()], [], [], 0)[0]:
+                self.conn.pgconn.consume_input()  # raises once the server is gone
+        except psycopg.Error as exc:
+            self._db_failed(exc)
+
     def _writer(self) -> BatchWriter:
         if self.conn is None or self.conn.closed:
             self.conn = psycopg.connect(self.dsn, connect_timeout=5, application_name="batchscheduler flusher")
             self.writer = BatchWriter(self.conn, notify=self.options.notify_batches)
             self.reconnect.reset()
+            self.counters.set(F.DB_CONNECTED, 1)
         assert self.writer is not None
         return self.writer
 
     def _db_failed(self, exc: BaseException) -> None:
         self.counters.add(F.DB_ERRORS, 1)
+        self.counters.set(F.DB_CONNECTED, 0)
         self.breaker.failure()
         self.counters.set(F.CONSECUTIVE_FAILURES, self.breaker.failures)
         self.counters.set(F.BREAKER, self.breaker.state)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import signal
 import socket
 import time
@@ -32,7 +33,7 @@ from engine.handoff import OutcomeInbox
 from engine.intent import DecodedRecord, Intent, Probe, Reply, Request
 from engine.options import Options
 from ipc import wire
-from ipc.control import Control
+from ipc.control import Config, Control
 from ipc.control import Flusher as F
 from ipc.control import Ingest as I
 from ipc.layout import record_size
@@ -44,6 +45,16 @@ log = logging.getLogger(__name__)
 # UTF-8 surfaces as UnicodeDecodeError or DecodeError depending on the msgspec
 # release; which one is never used to classify it (see _rejection).
 _UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
+
+# Drain deadlines nest inside the supervisor's (engine/supervisor.py): an
+# ingest gives up waiting for releases at this share of drain_timeout_s, the
+# supervisor kills a still-running ingest only at DRAIN_KILL_SHARE, and the
+# flusher at the full drain_timeout_s.
+DRAIN_SHARE = 0.6
+# When the supervisor died, the flusher drains too and the embedded
+# PostgreSQL is shutting down: wait this long for its last releases, then let
+# the clients go, so a restarted engine has them back at once.
+ORPHAN_DRAIN_S = 1.0
 
 # A client that stops reading its replies: past this much unsent reply data
 # we stop reading its requests (asyncio's default high-water mark is 64 KiB).
@@ -150,6 +161,7 @@ class IngestProcess:
         self.ring = control.intent_rings[index]
         self.ring.resume_producer()
         self.inbox = OutcomeInbox(self.ring, control.outcome_rings[index])
+        self.parent_pid = os.getppid()  # the supervisor; a change means it died
         self.listener = listener
         self.data_wake = data_wake
         self.commit_wake = commit_wake
@@ -185,35 +197,37 @@ class IngestProcess:
         loop.remove_reader(self.commit_wake.fd)
 
     def begin_drain(self) -> None:
-        """Stop accepting and reading; reply to everything already read; exit."""
+        """Stop accepting and reading; answer ``busy`` at once to what never
+        reached the ring; reply to what is in the ring as the flusher
+        releases it; exit when nothing is owed, or at the deadline."""
         if self.draining:
             return
         self.draining = True
+        orphaned = os.getppid() != self.parent_pid
+        deadline = ORPHAN_DRAIN_S if orphaned else self.options.drain_timeout_s * DRAIN_SHARE
         log.info(
-            "ingest %d draining: %d awaiting commit, %d connections",
+            "ingest %d draining%s: %d awaiting release, %d connections; deadline %.1fs",
             self.index,
+            " (the supervisor is gone)" if orphaned else "",
             len(self.waiting),
             len(self.connections),
+            deadline,
         )
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
             conn.pause("drain")
-        asyncio.get_running_loop().call_later(self.options.drain_timeout_s, self._drain_deadline)
+        self._refuse_backlog()
+        asyncio.get_running_loop().call_later(deadline, self._drain_deadline)
         self._maybe_finish_drain()
 
-    def _maybe_finish_drain(self) -> None:
-        if self.draining and not self.waiting and not self.blocked:
-            for conn in list(self.connections):
-                conn.close()
-            self._stop.set()
-
-    def _drain_deadline(self) -> None:
-        # Whatever could not be committed in time is answered "busy": it was
-        # not stored, so the client's resend is the right move.
-        for conn in list(self.blocked):
+    def _refuse_backlog(self) -> None:
+        """Intents read but never written to the ring are not stored:
+        ``busy``/``shutting_down`` tells the client to resend them."""
+        for conn in self.blocked:
             while conn.backlog:
                 _, _, client_id, seq = conn.backlog.popleft()
+                conn.in_flight -= 1
                 conn.send(
                     self.encode_reply(
                         conn,
@@ -228,8 +242,27 @@ class IngestProcess:
                 )
             conn.flush()
         self.blocked.clear()
+        self.counters.set(I.PAUSED, 0)
+
+    def _maybe_finish_drain(self) -> None:
+        if self.draining and not self.waiting and not self.blocked:
+            for conn in list(self.connections):
+                conn.close()
+            self._stop.set()
+
+    def _drain_deadline(self) -> None:
+        # Intents still in the ring have an outcome nobody knows yet (the
+        # flusher may commit them after we are gone): no reply can be
+        # promised for them. Their connections close; the client's resend
+        # gets the stored outcome, or stores it. Nothing is acknowledged
+        # that is not durable.
         if self.waiting:
-            log.warning("ingest %d: %d intents still awaiting commit at drain deadline", self.index, len(self.waiting))
+            log.warning(
+                "ingest %d: %d intents in the ring were not released by the drain deadline; closing their "
+                "connections without a reply (a resend gets the stored outcome)",
+                self.index,
+                len(self.waiting),
+            )
         for conn in list(self.connections):
             conn.close()
         self._stop.set()
@@ -494,8 +527,18 @@ class IngestProcess:
         f = self.control.flusher
         last = f.get(F.LAST_FLUSH_WALL_NS)
         breaker = f.get(F.BREAKER)
+        cfg = self.control.config
+        # "restarting": the supervisor saw the embedded server die and is
+        # bringing it back; "down": the flusher's connection failed (an
+        # external server, or the embedded one not yet reachable again).
+        if not cfg.get(Config.DATABASE):
+            database = "restarting"
+        elif not f.get(F.DB_CONNECTED):
+            database = "down"
+        else:
+            database = "up"
         return {
-            "is_healthy": breaker == 0 and not self.draining,
+            "is_healthy": breaker == 0 and not self.draining and database == "up",
             "batching_enabled": breaker != 1,
             "current_batch_size": f.get(F.BATCH_LIMIT),
             "error_rate": round(f.get(F.DEAD_LETTERED) / max(1, f.get(F.INTENTS)), 6),
@@ -505,6 +548,8 @@ class IngestProcess:
             else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(last / 1e9)) + f".{last % 1_000_000_000 // 1000:06d}Z",
             "breaker": ("closed", "open", "half_open")[breaker],
             "draining": self.draining,
+            "database": database,
+            "database_restarts": cfg.get(Config.DB_RESTARTS),
         }
 
     def metrics(self) -> dict:

@@ -22,6 +22,7 @@ embedded PostgreSQL. The segment is a memfd: nothing to leak in /dev/shm.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import selectors
@@ -58,6 +59,14 @@ log = logging.getLogger(__name__)
 # every commit wake-up.
 OUTCOME_RING_BYTES = 1 << 20
 RSS_CHECK_INTERVAL_S = 1.0
+# Drain deadlines, as shares of drain_timeout_s, nest: an ingest stops
+# waiting for releases on its own at engine.ingest.DRAIN_SHARE (0.6) and
+# answers what it can; only a still-running ingest is killed, at this share;
+# the flusher gets the rest of the budget.
+DRAIN_KILL_SHARE = 0.8
+# The data directory's lock file: flock()ed for the supervisor's lifetime and
+# holding its PID, so a second engine on the same directory names the first.
+LOCK_FILE = "engine.lock"
 
 
 class WorkerHandle:
@@ -108,6 +117,12 @@ class Supervisor:
         self.stopped = threading.Event()
         self.draining = False
         self.exit_code = 0
+        self._lock_fd: int | None = None
+        # The embedded PostgreSQL is watched like a worker: its pidfd sits in
+        # the selector, and a dead server is restarted with backoff.
+        self._pg_pidfd: int | None = None
+        self._pg_backoff = Backoff(initial=0.2, maximum=5.0, stable_s=10.0)
+        self._pg_restart_at: float | None = None
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
@@ -122,12 +137,12 @@ class Supervisor:
         o = self.options
         registry = handlers.load(o.handlers)  # fail fast on a bad --handlers
         log.info("handlers: %s", ", ".join(sorted(registry)))
+        self._lock_data_dir()
         self._claim_socket_path()
         if self.dsn is None:
-            data = opts.data_path(o)
-            data.mkdir(parents=True, exist_ok=True)
-            self.pg = EmbeddedPostgres(data / "pg")
+            self.pg = EmbeddedPostgres(opts.data_path(o) / "pg")
             self.dsn = self.pg.start()
+            self._watch_database()
         try:
             version = migrations.check_server(self.dsn)
             applied = migrations.migrate(self.dsn)
@@ -138,6 +153,7 @@ class Supervisor:
         self.segment = Segment.create(smap.size)
         self.control = Control(self.segment.buf, smap, create=True)
         self._write_config(o)
+        self.control.config.set(Config.DATABASE, 1)
         self.data_wake = Wakeup()
         self.commit_wakes = [Wakeup() for _ in range(o.ingests)]
         self.listener = self._listen()
@@ -168,6 +184,29 @@ class Supervisor:
                 raise StartupError(f"workers not ready after {timeout}s")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
+
+    def _lock_data_dir(self) -> None:
+        """Hold an exclusive flock on ``<data_dir>/engine.lock`` until exit:
+        one engine per data directory, whatever its socket path."""
+        data = opts.data_path(self.options)
+        data.mkdir(parents=True, exist_ok=True)
+        path = data / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StartupError(f"cannot open the data directory's lock file {path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StartupError(
+                f"data directory {data} is in use by another engine (pid {holder} holds {path}); "
+                "stop that engine or choose another --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     def _claim_socket_path(self) -> None:
         path = self.socket_path
@@ -224,6 +263,52 @@ class Supervisor:
         if "password" in parts:
             parts["password"] = "***"
         return make_conninfo(**parts)
+
+    # --------------------------------------------------------------- database
+    def _watch_database(self) -> None:
+        assert self.pg is not None and self.pg.pid is not None
+        self._pg_pidfd = os.pidfd_open(self.pg.pid)
+        self.selector.register(self._pg_pidfd, selectors.EVENT_READ, self.pg)
+        self._pg_backoff.started_now()
+
+    def _unwatch_database(self) -> None:
+        if self._pg_pidfd is not None:
+            self.selector.unregister(self._pg_pidfd)
+            os.close(self._pg_pidfd)
+            self._pg_pidfd = None
+
+    def _database_exited(self) -> None:
+        """The embedded postmaster died: mark the database down and schedule
+        a restart. The flusher meanwhile fails its writes, its breaker opens
+        and the ingests answer ``busy``; what is in the rings stays there."""
+        assert self.pg is not None
+        pid = self.pg.pid
+        self._unwatch_database()
+        code = self.pg.exit_code()
+        self.control.config.set(Config.DATABASE, 0)
+        if self.draining:
+            log.warning("embedded PostgreSQL (pid %s) exited with %s while draining", pid, exit_name(code))
+            return
+        delay = self._pg_backoff.next_delay()
+        self._pg_restart_at = time.monotonic() + delay
+        log.error("embedded PostgreSQL (pid %s) exited with %s; restarting in %.1fs", pid, exit_name(code), delay)
+
+    def _restart_database(self) -> None:
+        assert self.pg is not None
+        self._pg_restart_at = None
+        try:
+            self.pg.restart()
+        except StartupError as exc:
+            delay = self._pg_backoff.next_delay()
+            self._pg_restart_at = time.monotonic() + delay
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            log.error("embedded PostgreSQL did not come back (%s); next try in %.1fs", first, delay)
+            return
+        self._watch_database()
+        cfg = self.control.config
+        cfg.set(Config.DB_RESTARTS, cfg.get(Config.DB_RESTARTS) + 1)
+        cfg.set(Config.DATABASE, 1)
+        log.warning("embedded PostgreSQL restarted (pid %s); the flusher reconnects on its next try", self.pg.pid)
 
     # ---------------------------------------------------------------- workers
     def _spawn(self, handle: WorkerHandle) -> None:
@@ -324,11 +409,14 @@ class Supervisor:
                     [next_rss]
                     + [h.restart_at for h in self.workers if h.restart_at]
                     + [h.kill_deadline for h in self.workers if h.kill_deadline]
+                    + ([self._pg_restart_at] if self._pg_restart_at is not None else [])
                 )
                 timeout = max(0.0, min(deadlines) - now)
                 for key, _ in self.selector.select(timeout):
                     if key.data is None:
                         self._drain_pipe()
+                    elif key.data is self.pg:
+                        self._database_exited()
                     else:
                         self._reaped(key.data)
                 now = time.monotonic()
@@ -339,6 +427,8 @@ class Supervisor:
                         log.warning("%s ignored SIGTERM for %.1fs; SIGKILL", handle.name, self.options.drain_timeout_s)
                         handle.proc.kill()
                         handle.kill_deadline = None
+                if self._pg_restart_at is not None and now >= self._pg_restart_at:
+                    self._restart_database()
                 if now >= next_rss:
                     self._check_memory()
                     next_rss = now + RSS_CHECK_INTERVAL_S
@@ -377,7 +467,7 @@ class Supervisor:
         ingests = [h for h in self.workers if h.role == "ingest"]
         flusher = [h for h in self.workers if h.role == "flusher"]
         self.data_wake.signal()
-        clean = self._stop_group(ingests, deadline=t0 + budget * 0.8)
+        clean = self._stop_group(ingests, deadline=t0 + budget * DRAIN_KILL_SHARE)
         clean &= self._stop_group(flusher, deadline=t0 + budget)
         log.info("drained in %.2fs (%s)", time.monotonic() - t0, "clean" if clean else "forced")
         return 0 if clean else 1
@@ -433,6 +523,7 @@ class Supervisor:
             if wake is not None:
                 wake.close()
         self.data_wake, self.commit_wakes = None, []
+        self._unwatch_database()
         if self.pg is not None:
             self.pg.stop()
             self.pg = None
@@ -441,6 +532,9 @@ class Supervisor:
             os.close(self._wake_r)
             os.close(self._wake_w)
             self._wake_r = self._wake_w = -1
+        if self._lock_fd is not None:  # last: the database is stopped
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def snapshot(self) -> dict:
         from engine.metrics import snapshot

@@ -117,6 +117,9 @@ def main() -> int:
                 registry.kinds(),
             )
     finally:
+        # Views into the segment held by reference cycles (an exception's
+        # traceback frames) are freed before the unmap needs them gone.
+        gc.collect()
         control.close()
         segment.close()
     logging.getLogger(__name__).info("%s exiting cleanly", name)

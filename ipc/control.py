@@ -36,6 +36,8 @@ class Config:
     ADAPTIVE = 3
     DRAINING = 4  # 1 once shutdown began: flush now, accept nothing new
     MIN_BATCH = 5
+    DATABASE = 6  # the supervisor's view of the database process: 1 up, 0 down (restarting)
+    DB_RESTARTS = 7  # times the supervisor restarted the embedded PostgreSQL
     COUNT = 8
 
 
@@ -60,6 +62,7 @@ class Flusher:
     FALLBACKS = 15  # batches re-run intent by intent after a data error
     READY_NS = 16  # wall time the flusher came up (connected to the database)
     SLOW_PATH = 17  # batches written by the reading path (cache miss, resend, stale cache)
+    DB_CONNECTED = 18  # 1 while the flusher holds a working connection, 0 after a connection error
     COUNT = 24
 
 
