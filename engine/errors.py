@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from engine.codes import HANDLER_ERROR
+
 
 class EngineError(Exception):
     """Base of every error the engine raises on purpose."""
@@ -23,7 +25,7 @@ class NotRuntimeConfigurable(ConfigError):
 class HandlerError(EngineError):
     """A handler refused an intent; the intent is dead-lettered with this reason."""
 
-    code = "handler_error"
+    code = HANDLER_ERROR
 
 
 class StartupError(EngineError):

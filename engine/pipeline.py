@@ -38,6 +38,7 @@ from typing import Any
 
 import msgspec
 
+from engine import codes
 from engine.handlers import Op, Registry, Spawn
 from engine.intent import DecodedRecord, clip_reason
 from persistence.writer import Plan
@@ -171,17 +172,17 @@ class World:
             if not registry.trusted:
                 check_ops(ops, rec.entity)
         except Exception as exc:  # noqa: BLE001 - a handler may raise anything: isolate it
-            return "handler_error", clip_reason(f"{type(exc).__name__}: {exc}")
+            return codes.HANDLER_ERROR, clip_reason(f"{type(exc).__name__}: {exc}")
         entity = rec.entity
         state = self.states.get(entity)
         spawn = bool(ops) and type(ops[0]) is Spawn
         if spawn:
             if state is not None:
-                return "entity_exists", f"entity {entity!r} already exists"
+                return codes.ENTITY_EXISTS, f"entity {entity!r} already exists"
             state = self.states[entity] = {}
             self.spawned.add(entity)
         elif state is None:
-            return "no_such_entity", f"entity {entity!r} does not exist (spawn it first)"
+            return codes.NO_SUCH_ENTITY, f"entity {entity!r} does not exist (spawn it first)"
         for op in ops:
             if type(op) is Spawn:
                 state.clear()

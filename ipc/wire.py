@@ -15,6 +15,7 @@ one JSON error line. What a frame *contains* is the engine's business.
 
 from __future__ import annotations
 
+import json
 import struct
 from typing import NamedTuple
 
@@ -274,4 +275,129 @@ def json_bad_utf8(line: bytes) -> BadUtf8 | None:
         line.decode("utf-8")
     except UnicodeDecodeError as bad:
         return BadUtf8(bad.start, bad.reason, ())
+    return None
+
+
+# ------------------------------------------------------------ duplicate keys
+# Decoders keep the last of two equal keys in one object (msgspec, like most);
+# the engine refuses such input as ambiguous. These exact scans name the first
+# duplicate as a dot path (``args.state.hp``, list items as ``[i]``); the
+# ingest calls them only when a cheap count says a frame might hold one.
+
+
+def key_path(parent: str, key: str) -> str:
+    """``parent.key``, or ``key`` at the top level."""
+    return f"{parent}.{key}" if parent else key
+
+
+class _Pairs(list):
+    """A JSON object as the list of its (key, value) pairs, duplicates kept."""
+
+    __slots__ = ()
+
+
+def json_duplicate_key(line: bytes) -> str | None:
+    """The path of the first key that appears twice in one JSON object of
+    ``line``, or None (also when ``line`` is not JSON)."""
+    try:
+        value = json.loads(line, object_pairs_hook=_Pairs)
+    except (ValueError, RecursionError):
+        return None
+    stack: list[tuple[object, str]] = [(value, "")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, _Pairs):
+            seen: set[str] = set()
+            for key, child in node:
+                if key in seen:
+                    return key_path(path, key)
+                seen.add(key)
+                stack.append((child, key_path(path, key)))
+        elif isinstance(node, list):
+            stack.extend((child, f"{path}[{i}]") for i, child in enumerate(node))
+    return None
+
+
+_STR_TYPES = frozenset((0xD9, 0xDA, 0xDB))
+
+
+def msgpack_duplicate_key(frame: bytes) -> str | None:
+    """The path of the first key that appears twice in one MessagePack map of
+    ``frame``, or None (also where the frame stops making sense).
+
+    A linear scan like ``msgpack_bad_utf8``, with a stack of open containers
+    (no recursion). Two string keys are equal when their UTF-8 bytes are,
+    whatever size class encodes them; any other key is compared by its
+    encoded bytes."""
+    # Open containers: [items left, is_map, path, keys seen, items read, current key]
+    stack: list[list] = [[1, False, None, None, 0, None]]  # the root value
+    pos, end = 0, len(frame)
+    while stack:
+        top = stack[-1]
+        if top[0] == 0:
+            stack.pop()
+            continue
+        if pos >= end:
+            return None
+        top[0] -= 1
+        index = top[4]
+        top[4] += 1
+        start = pos
+        t = frame[pos]
+        pos += 1
+        count = -1  # a container's item count; -1 for a scalar
+        is_map = False
+        text: tuple[int, int] | None = None  # a string's payload span
+        if t <= 0x7F or t >= 0xE0:  # fixints
+            pass
+        elif t <= 0x8F:
+            count, is_map = t & 0x0F, True
+        elif t <= 0x9F:
+            count = t & 0x0F
+        elif t <= 0xBF:
+            text = (pos, pos + (t & 0x1F))
+            pos = text[1]
+        elif t in _FIXED:
+            pos += _FIXED[t]
+        elif t in _SIZED:
+            width, extra = _SIZED[t]
+            if pos + width > end:
+                return None
+            size = int.from_bytes(frame[pos : pos + width], "big")
+            payload = pos + width + extra
+            pos = payload + size
+            if t in _STR_TYPES:
+                text = (payload, pos)
+        elif t in _COUNTED:
+            width, per = _COUNTED[t]
+            if pos + width > end:
+                return None
+            count, is_map = int.from_bytes(frame[pos : pos + width], "big"), per == 2
+            pos += width
+        else:  # 0xC1 is never used
+            return None
+        if pos > end:
+            return None
+        parent_path = top[2]
+        if top[1] and index % 2 == 0:  # a key
+            if count >= 0:
+                key: object = object()  # a container as a key equals no other key
+                name = "<container key>"
+            elif text is not None:
+                key = frame[text[0] : text[1]]
+                name = frame[text[0] : text[1]].decode("utf-8", "replace")
+            else:
+                key = (t, frame[start:pos])
+                name = f"<non-string key {frame[start:pos].hex()}>"
+            if key in top[3]:
+                return key_path(parent_path, name)
+            top[3].add(key)
+            top[5] = name
+            path = key_path(parent_path, name)
+        elif top[1]:
+            path = key_path(parent_path, top[5])
+        else:
+            path = "" if parent_path is None else f"{parent_path}[{index}]"
+        if count > 0:
+            stack.append([count * (2 if is_map else 1), is_map, path, set() if is_map else None, 0, None])
     return None

@@ -23,10 +23,13 @@ import datetime
 import itertools
 import json
 import math
+import os
 import random
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -35,7 +38,7 @@ from pathlib import Path
 import msgspec
 import psycopg
 import pytest
-from conftest import query, start_engine, wait_for
+from conftest import RUN_ENGINE, query, start_engine, wait_for
 
 MAX_FRAME = 65536  # the engine's default max_frame_bytes
 REPLY_TIMEOUT = 10.0  # a reply (even one waiting for a commit) comes far sooner
@@ -224,7 +227,7 @@ class Harness:
         self.engine = eng
         self.db = db  # one long-lived connection: no PostgreSQL backend comes and goes per check
         self.pids = worker_pids(eng)
-        assert set(self.pids) == {"flusher", "ingest 0"}, self.pids
+        assert set(self.pids) == eng.roles(), self.pids
         self.baseline = self.stored()
         self.answered: set[tuple[str, int]] = set()  # stored outcomes replied during this test
         self.peers: list[Peer] = []
@@ -491,6 +494,236 @@ def test_msgpack_args_with_a_map_as_key_are_malformed_by_the_decoder_and_connect
     check_contained(h, raw_intent_msgpack(b"\x81\xa5state\x81\x81\xa1k\x01\x01"), "malformed", True, ANY, ANY)
 
 
+def _f64(x: float) -> bytes:
+    return b"\xcb" + struct.pack(">d", x)
+
+
+def _f32(x: float) -> bytes:
+    return b"\xca" + struct.pack(">f", x)
+
+
+def _state_t(value: bytes) -> bytes:
+    """MessagePack args ``{"state": {"t": <value>}}`` around hand-written bytes."""
+    return b"\x81\xa5state\x81\xa1t" + value
+
+
+NOT_JSON = "args cannot be stored as JSON: "
+TIMESTAMP = "a MessagePack timestamp (extension type -1)"
+BIN = "binary data (MessagePack bin)"
+
+
+@pytest.mark.parametrize(
+    "args, reason",
+    [
+        pytest.param(_state_t(_f64(math.nan)), "args.state.t is NaN", id="nan_float64"),
+        pytest.param(
+            _state_t(b"\xcb\xff\xf8\x00\x00\x00\x00\x00\x01"), "args.state.t is NaN", id="negative_nan_payload"
+        ),
+        pytest.param(_state_t(_f64(math.inf)), "args.state.t is Infinity", id="inf_float64"),
+        pytest.param(_state_t(_f64(-math.inf)), "args.state.t is -Infinity", id="minus_inf_float64"),
+        pytest.param(_state_t(_f32(math.nan)), "args.state.t is NaN", id="nan_float32"),
+        pytest.param(_state_t(_f32(math.inf)), "args.state.t is Infinity", id="inf_float32"),
+        pytest.param(_state_t(_f32(-math.inf)), "args.state.t is -Infinity", id="minus_inf_float32"),
+        pytest.param(b"\x82\xa1a\x01\xa1t" + _f64(math.nan), "args.t is NaN", id="nan_directly_in_args"),
+        pytest.param(b"\x81\xa1t\x92\x01" + _f64(math.inf), "args.t[1] is Infinity", id="inf_in_a_list_in_args"),
+        pytest.param(
+            _state_t(b"\x92\x01\x81\xa1x\x91" + _f64(-math.inf)), "args.state.t[1].x[0] is -Infinity", id="inf_deep"
+        ),
+        pytest.param(_state_t(b"\xc4\x02ab"), f"args.state.t is {BIN}", id="bin8"),
+        pytest.param(_state_t(b"\xc5\x00\x01a"), f"args.state.t is {BIN}", id="bin16"),
+        pytest.param(_state_t(b"\xc6\x00\x00\x00\x00"), f"args.state.t is {BIN}", id="bin32_empty"),
+        pytest.param(b"\x81\xa1t\xc4\x01a", f"args.t is {BIN}", id="bin_directly_in_args"),
+        pytest.param(_state_t(b"\xd6\xff\x00\x00\x00\x01"), f"args.state.t is {TIMESTAMP}", id="timestamp32"),
+        pytest.param(
+            _state_t(b"\xd7\xff\x00\x00\x00\x04\x00\x00\x00\x01"), f"args.state.t is {TIMESTAMP}", id="timestamp64"
+        ),
+        pytest.param(
+            _state_t(b"\xc7\x0c\xff\x00\x00\x00\x01" + b"\x00" * 7 + b"\x01"),
+            f"args.state.t is {TIMESTAMP}",
+            id="timestamp96",
+        ),
+        pytest.param(b"\x81\xa1t\xd6\xff\x00\x00\x00\x01", f"args.t is {TIMESTAMP}", id="timestamp_directly_in_args"),
+        pytest.param(_state_t(b"\xd4\x05\x01"), "args.state.t is a MessagePack extension (type 5)", id="fixext1"),
+        pytest.param(_state_t(b"\xd5\x05\x01\x02"), "args.state.t is a MessagePack extension (type 5)", id="fixext2"),
+        pytest.param(
+            _state_t(b"\xd6\x05" + b"\x00" * 4), "args.state.t is a MessagePack extension (type 5)", id="fixext4"
+        ),
+        pytest.param(
+            _state_t(b"\xd7\x05" + b"\x00" * 8), "args.state.t is a MessagePack extension (type 5)", id="fixext8"
+        ),
+        pytest.param(
+            _state_t(b"\xd8\x05" + b"\x00" * 16), "args.state.t is a MessagePack extension (type 5)", id="fixext16"
+        ),
+        pytest.param(_state_t(b"\xc7\x03\x05abc"), "args.state.t is a MessagePack extension (type 5)", id="ext8"),
+        pytest.param(_state_t(b"\xc8\x00\x01\x05x"), "args.state.t is a MessagePack extension (type 5)", id="ext16"),
+        pytest.param(
+            _state_t(b"\xc9\x00\x00\x00\x01\x05x"), "args.state.t is a MessagePack extension (type 5)", id="ext32"
+        ),
+        pytest.param(
+            _state_t(b"\xd4\x80\x01"), "args.state.t is a MessagePack extension (type -128)", id="ext_negative"
+        ),
+        pytest.param(b"\x81\xa5state\x81\x01\x02", "a key of args.state is the integer 1, not a string", id="int_key"),
+        pytest.param(
+            b"\x81\xa5state\x81\xff\x02", "a key of args.state is the integer -1, not a string", id="neg_int_key"
+        ),
+        pytest.param(
+            b"\x81\xa5state\x81" + _f64(1.5) + b"\x02",
+            "a key of args.state is the float 1.5, not a string",
+            id="float_key",
+        ),
+        pytest.param(
+            b"\x81\xa5state\x82\x01\xa1a\xa11\xa1b",
+            "a key of args.state is the integer 1, not a string",
+            id="int_key_and_its_text",
+        ),
+    ],
+)
+def test_msgpack_value_json_cannot_hold_is_invalid_naming_the_place_and_nothing_is_stored(h, args, reason):
+    """NaN, infinities, binary, timestamps, extensions and non-string keys
+    are refused, never converted (msgspec would write null, base64, ISO text
+    and "1"); the reason names where they are."""
+    check_contained(h, raw_intent_msgpack(args), "invalid", True, "hostile", 7, reason=NOT_JSON + reason)
+
+
+@pytest.mark.parametrize(
+    "args, stored",
+    [
+        pytest.param(_state_t(_f64(1.5)), {"t": 1.5}, id="float64"),
+        pytest.param(_state_t(_f32(0.25)), {"t": 0.25}, id="float32"),
+        pytest.param(
+            _state_t(b"\xcf\xcb\x7f\xf8\x00\x00\x00\x00\x00"), {"t": 0xCB7FF80000000000}, id="int_with_nan_bytes"
+        ),
+        pytest.param(_state_t(b"\xc0"), {"t": None}, id="nil"),
+        pytest.param(
+            _state_t(msgspec.msgpack.encode("Ćma źdźbło")), {"t": "Ćma źdźbło"}, id="text_with_bin_type_bytes"
+        ),
+        pytest.param(_state_t(msgspec.msgpack.encode("ؠ ص")), {"t": "ؠ ص"}, id="text_with_ext_type_bytes"),
+        pytest.param(_state_t(msgspec.msgpack.encode("null")), {"t": "null"}, id="text_null"),
+        pytest.param(b"\x81\xa5state\xde\x00\x01\xd9\x01t\xcd\x00\x07", {"t": 7}, id="non_minimal_sizes"),
+    ],
+)
+def test_msgpack_values_json_holds_commit_and_are_stored_unchanged(h, args, stored):
+    bystanders = h.bystanders()
+    p = h.peer("msgpack")
+    seq = next(_SEQ)
+    data = frame(
+        b"\x85\xa9client_id\xa4kept\xa3seq"
+        + msgspec.msgpack.encode(seq)
+        + b"\xa6entity"
+        + msgspec.msgpack.encode(f"kept-{seq}")
+        + b"\xa4kind\xa5spawn\xa4args"
+        + args
+    )
+    p.send(data)
+    reply = p.reply()
+    h.note(reply)
+    assert reply == {"client_id": "kept", "seq": seq, "status": "committed"}, reply
+    rows = h.sql("SELECT args FROM batchscheduler.intent_log WHERE client_id = 'kept' AND seq = %s", (seq,))
+    assert rows == [({"state": stored},)], rows
+    h.assert_unharmed(*bystanders)
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "1E400", "123456789e999999"])
+def test_json_number_beyond_a_double_is_invalid_naming_the_place(h, number):
+    check_contained(
+        h,
+        raw_intent_json(b'{"state":{"t":[1,' + number.encode() + b"]}}"),
+        "invalid",
+        True,
+        "hostile",
+        7,
+        reason=f"{NOT_JSON}args.state.t[1] is the number {number}, beyond the range of a double",
+    )
+
+
+# ========================================================== duplicate keys
+DUPLICATE_JSON = [
+    pytest.param(raw_intent_json(b'{"state":{"hp":1,"hp":2}}'), "args.state.hp", id="json_in_state"),
+    pytest.param(raw_intent_json(b'{"state":{},"state":{}}'), "args.state", id="json_directly_in_args"),
+    pytest.param(raw_intent_json(b'{"state":{"inv":[1,{"a":1,"a":1}]}}'), "args.state.inv[1].a", id="json_in_a_list"),
+    pytest.param(raw_intent_json(b'{"state":{"hp":1,"h\\u0070":2}}'), "args.state.hp", id="json_escaped_spelling"),
+    pytest.param(raw_intent_json(b'{"state":{"a":1,"a":"\\u003a"}}'), "args.state.a", id="json_escaped_colon"),
+    pytest.param(raw_intent_json(b'{"state":{"a:b":1, "a:b" :2}}'), "args.state.a:b", id="json_colons_and_spaces"),
+    pytest.param(
+        b'{"client_id":"hostile","seq":7,"seq":7,"entity":"orc","kind":"spawn","args":{"state":{}}}\n',
+        "seq",
+        id="json_seq",
+    ),
+    pytest.param(
+        b'{"client_id":"hostile","seq":7,"entity":"orc","kind":"spawn","args":{"state":{}},"args":{"state":{}}}\n',
+        "args",
+        id="json_args",
+    ),
+    pytest.param(
+        b'{"client_id":"hostile","seq":7,"entity":"orc","kind":"spawn","kind":"spawn"}\n',
+        "kind",
+        id="json_kind_no_args",
+    ),
+    pytest.param(
+        b'{"client_id":"hostile","seq":7,"entity":"args","entity":"orc","kind":"spawn"}\n',
+        "entity",
+        id="json_entity_no_args",
+    ),
+]
+DUPLICATE_MSGPACK = [
+    pytest.param(raw_intent_msgpack(b"\x81\xa5state\x82\xa2hp\x01\xa2hp\x02"), "args.state.hp", id="msgpack_in_state"),
+    pytest.param(
+        raw_intent_msgpack(b"\x81\xa5state\x82\xa2hp\x01\xd9\x02hp\x02"), "args.state.hp", id="msgpack_str8_spelling"
+    ),
+    pytest.param(
+        raw_intent_msgpack(b"\x81\xa5state\x83\xa1f\xca\x3f\x80\x00\x00\xa1y\xa1z\xa1y\xa1z"),
+        "args.state.y",
+        id="msgpack_hidden_by_a_float32",
+    ),
+    pytest.param(raw_intent_msgpack(b"\x82\xa5state\x80\xa5state\x80"), "args.state", id="msgpack_directly_in_args"),
+    pytest.param(
+        frame(b"\x85\xa9client_id\xa7hostile\xa3seq\x07\xa3seq\xcc\x07\xa6entity\xa3orc\xa4kind\xa5spawn"),
+        "seq",
+        id="msgpack_seq_no_args_hidden_by_a_wider_int",
+    ),
+    pytest.param(
+        frame(
+            b"\x86\xa9client_id\xa7hostile\xa3seq\x07\xa6entity\xa3orc\xa4kind\xa5spawn"
+            b"\xa4args\x81\xa5state\x80\xa4args\x81\xa5state\x80"
+        ),
+        "args",
+        id="msgpack_args",
+    ),
+]
+
+
+@pytest.mark.parametrize("data, path", DUPLICATE_JSON + DUPLICATE_MSGPACK)
+def test_duplicate_key_anywhere_is_invalid_naming_it_and_nothing_is_stored(h, data, path):
+    """Decoders keep one of two equal keys; the engine refuses the ambiguity."""
+    check_contained(h, data, "invalid", True, "hostile", 7, reason=f"duplicate key {path}: ")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b'{"client_id":"c","seq":%d,"entity":"e%d","kind":"spawn"}\n', id="json_args_left_out"),
+        pytest.param(b'{"client_id":"c","seq":%d,"entity":"e%d","kind":"spawn","args":{}}\n', id="json_args_empty"),
+        pytest.param(
+            b'{ "client_id" : "c:",\t"seq" : %d , "entity" : "e%d", "kind" : "spawn", "args" : { } }\n',
+            id="json_spaced",
+        ),
+        pytest.param(
+            b'{"args":{"state":{"a:b":"c:d","p":"\\u003a"}},"kind":"spawn","entity":"e%d","seq":%d,"client_id":"c"}\n',
+            id="json_reordered_with_colons",
+        ),
+    ],
+)
+def test_json_lines_without_duplicates_commit_however_they_are_spelled(h, data):
+    bystanders = h.bystanders()
+    p = h.peer("json")
+    seq = next(_SEQ)
+    p.send(data % (seq, seq))
+    reply = p.reply()
+    h.note(reply)
+    assert reply["status"] == "committed", reply
+    h.assert_unharmed(*bystanders)
+
+
 # ================================================ field rules (both framings)
 @FRAMINGS
 @pytest.mark.parametrize(
@@ -541,12 +774,38 @@ def test_missing_field_is_invalid_and_connection_stays_open(h, framing, obj, cli
     [
         pytest.param(intent(extra=1), "hostile", 7, id="extra_field"),
         pytest.param(intent(op="health"), "hostile", 7, id="intent_with_op"),
-        pytest.param({"op": "shutdown"}, None, None, id="unknown_control_op"),
         pytest.param({"op": "health", "verbose": True}, None, None, id="control_op_with_extra_field"),
+        pytest.param({"op": 5}, None, None, id="control_op_not_a_string"),
     ],
 )
 def test_unknown_extra_field_is_invalid_and_connection_stays_open(h, framing, obj, client_id, seq):
     check_contained(h, encode(obj, framing), "invalid", True, client_id, seq)
+
+
+@FRAMINGS
+@pytest.mark.parametrize("op", ["shutdown", "stats", "HEALTH", ""])
+def test_unknown_control_op_is_unknown_op_listing_the_known_ones_and_connection_stays_open(h, framing, op):
+    check_contained(
+        h,
+        encode({"op": op}, framing),
+        "unknown_op",
+        True,
+        reason=f"unknown op {op!r}; known ops: health, metrics, ping",
+    )
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b'{"op":"ping","op":"ping"}\n', id="json_same_op_twice"),
+        pytest.param(b'{"op":"stats","op":"ping"}\n', id="json_known_op_last"),
+        pytest.param(b'{"op":"ping","op":"stats"}\n', id="json_unknown_op_last"),
+        pytest.param(frame(b"\x82\xa2op\xa4ping\xa2op\xa4ping"), id="msgpack_same_op_twice"),
+        pytest.param(frame(b"\x82\xa2op\xa5stats\xa2op\xa4ping"), id="msgpack_known_op_last"),
+    ],
+)
+def test_control_request_with_op_twice_is_invalid_naming_the_key(h, data):
+    check_contained(h, data, "invalid", True, reason="duplicate key op:")
 
 
 @FRAMINGS
@@ -990,6 +1249,40 @@ def test_connections_beyond_max_connections_get_unavailable_and_existing_clients
         h.close()
 
 
+# ========================================================= hostile files
+def test_dangling_symlink_at_the_socket_path_is_refused_and_never_followed(short_tmp, dsn):
+    """A symlink at --socket is not ours to follow: the engine refuses to
+    start, naming the path, and neither binds nor unlinks its target."""
+    target = short_tmp / "elsewhere" / "planted.sock"
+    target.parent.mkdir()
+    link = short_tmp / "e.sock"
+    link.symlink_to(target)
+    log_path = short_tmp / "e.log"
+    cmd = [sys.executable, str(RUN_ENGINE), "--socket", str(link), "--data-dir", str(short_tmp / "var"), "--dsn", dsn]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSCHEDULER_")}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    try:
+        # Reads until the engine exits, or until it says it is ready (the
+        # bug); no fixed wait either way.
+        started = any(line.startswith("ready") for line in proc.stdout)
+        bound_target = os.path.lexists(target)
+        if started:
+            proc.terminate()
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    err = log_path.read_text()
+    assert not started and not bound_target, f"the engine followed the symlink and bound {target}:\n{err[-2000:]}"
+    assert code == 1, f"exit {code}:\n{err[-2000:]}"
+    assert f"{link} is a symbolic link; refusing to follow it" in err, err[-2000:]
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert not os.path.lexists(target)
+
+
 # ===================================================================== fuzz
 # An independent model of the documented protocol (README "Protocol", plus
 # the ingest's args depth rule), used to say what every fuzzed input is owed.
@@ -1069,6 +1362,69 @@ def _text_ok(value, low: int, high: int) -> bool:
     return isinstance(value, str) and low <= len(value) <= high
 
 
+def _json_has_duplicate_key(text: str) -> bool:
+    found = []
+
+    def pairs(items: list) -> dict:
+        keys = [k for k, _ in items]
+        if len(set(keys)) < len(keys):
+            found.append(keys)
+        return dict(items)
+
+    json.loads(text, object_pairs_hook=pairs)
+    return bool(found)
+
+
+# Bytes after the type byte: fixed-size items, and (width of the length,
+# extra bytes) for sized ones (bin, ext with its type byte, str).
+_MP_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+_MP_FIXED.update({0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8, 0xD4: 2, 0xD5: 3, 0xD6: 5, 0xD7: 9, 0xD8: 17})
+_MP_SIZED = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1), 0xC9: (4, 1)}
+_MP_SIZED.update({0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)})
+
+
+def _msgpack_has_duplicate_key(data: bytes) -> bool:
+    """Whether any map in ``data`` (valid MessagePack) holds a key twice: a
+    reader of our own that keeps every map's keys (msgspec keeps the last)."""
+    stack = [[1, None, 0]]  # per open container: items left, keys seen (maps), items read
+    pos = 0
+    while stack:
+        top = stack[-1]
+        if not top[0]:
+            stack.pop()
+            continue
+        top[0] -= 1
+        index, top[2] = top[2], top[2] + 1
+        t, start = data[pos], pos
+        pos += 1
+        count, is_map, text = 0, False, None
+        if 0x80 <= t <= 0x9F:
+            count, is_map = t & 0x0F, t <= 0x8F
+        elif 0xA0 <= t <= 0xBF:
+            text, pos = data[pos : pos + (t & 0x1F)], pos + (t & 0x1F)
+        elif t in _MP_FIXED:
+            pos += _MP_FIXED[t]
+        elif t in _MP_SIZED:
+            width, extra = _MP_SIZED[t]
+            size = int.from_bytes(data[pos : pos + width], "big")
+            pos += width + extra
+            if t >= 0xD9:
+                text = data[pos : pos + size]
+            pos += size
+        elif t in (0xDC, 0xDD, 0xDE, 0xDF):
+            width = 2 if t in (0xDC, 0xDE) else 4
+            count, is_map = int.from_bytes(data[pos : pos + width], "big"), t >= 0xDE
+            pos += width
+        if top[1] is not None and index % 2 == 0:  # a key
+            key = ("str", text) if text is not None else object() if count else ("raw", data[start:pos])
+            if key in top[1]:
+                return True
+            top[1].add(key)
+        if count:
+            stack.append([count * (2 if is_map else 1), set() if is_map else None, 0])
+    return False
+
+
 def documented_reply(payload: bytes, packed: bool) -> Owed:
     """What one complete, non-empty frame is owed."""
     undecodable = ("malformed", "invalid")  # a field error may be met before the bad bytes
@@ -1090,8 +1446,11 @@ def documented_reply(payload: bytes, packed: bool) -> Owed:
         return rejected("invalid")
     if not all(isinstance(k, str) for k in value):
         return rejected("invalid", client_id=ANY, seq=ANY)
-    if set(value) == {"op"} and value["op"] in CONTROL_OPS:
-        return Owed(op=value["op"])
+    duplicate = _msgpack_has_duplicate_key(payload) if packed else _json_has_duplicate_key(text)
+    if set(value) == {"op"} and isinstance(value["op"], str):
+        if duplicate:
+            return rejected("invalid")
+        return Owed(op=value["op"]) if value["op"] in CONTROL_OPS else rejected("unknown_op")
 
     client_id, seq = value.get("client_id"), value.get("seq")
     seq_is_int = isinstance(seq, int) and not isinstance(seq, bool)
@@ -1099,7 +1458,7 @@ def documented_reply(payload: bytes, packed: bool) -> Owed:
     echo_seq = seq if seq_is_int else None
     codes: set[str] = set()  # rules certainly broken
     maybe: set[str] = set()  # outcomes the README leaves open
-    if set(value) - INTENT_FIELDS or REQUIRED_FIELDS - set(value):
+    if set(value) - INTENT_FIELDS or REQUIRED_FIELDS - set(value) or duplicate:
         codes.add("invalid")
     if not _text_ok(client_id, 1, 64) or not (seq_is_int and 0 <= seq <= 2**63 - 1):
         codes.add("invalid")
@@ -1124,16 +1483,11 @@ def documented_reply(payload: bytes, packed: bool) -> Owed:
                 if isinstance(x, str) and "\x00" in x:
                     codes.add("invalid")
                 elif isinstance(x, float) and not math.isfinite(x):
-                    (maybe if packed else codes).add("invalid")  # JSON has no NaN/Infinity
-                elif isinstance(x, msgspec.msgpack.Ext):
-                    codes.add("invalid")  # JSON cannot hold it
-                elif isinstance(x, (bytes, datetime.datetime)):
-                    maybe.add("invalid")  # bin, timestamp: JSON holds them only as text
+                    codes.add("invalid")  # JSON has no NaN/Infinity
+                elif isinstance(x, (msgspec.msgpack.Ext, bytes, datetime.datetime)):
+                    codes.add("invalid")  # JSON cannot hold them (only converted to text)
             if k is not None and not isinstance(k, str):
-                # JSON keys are strings: nil, true or an array cannot be one;
-                # numbers, bin and timestamps could be written as text.
-                textual = isinstance(k, (int, float, bytes, datetime.datetime)) and not isinstance(k, bool)
-                (maybe if textual else codes).add("invalid")
+                codes.add("invalid")  # JSON keys are strings; a number is not converted
     strings = [x for kv in _walk(value) for x in kv if isinstance(x, str)]
     if any("\ud800" <= c <= "\udfff" for x in strings for c in x):
         # JSON "\ud800" escapes a lone surrogate, which UTF-8 cannot hold
