@@ -1,17 +1,21 @@
-"""The flusher: cuts batches out of the rings and commits each in one transaction.
+"""A flusher lane: cuts batches out of its rings and commits each in one transaction.
 
-Loop (one thread, no spinning): scan what the ingests published, apply the
-dual condition (``policy.decide_cut``), and either cut a batch or sleep on the
-data eventfd for exactly the time left in the window. A cut takes records from
-the rings in a fixed rotation (ring ``b mod N`` first for batch ``b``, so no
-ring starves), writes them, and only after COMMIT returns: writes the
-exceptional outcomes to each ingest's outcome ring, advances each ring's
-commit cursor, and wakes the ingests to reply.
+Lane ``l`` reads ring [i][l] of every ingest ``i`` (the intents of the
+entities it owns, ``engine.lanes``) and writes on its own connection; no other
+lane writes its entities. Loop (the main thread, no spinning): scan what the
+ingests published, apply the dual condition (``policy.decide_cut``), and
+either cut a batch or sleep on the lane's eventfd for exactly the time left in
+the window. A cut takes records from the rings in a fixed rotation (ring ``b
+mod N`` first for batch ``b``, so no ring starves), writes them (a writer
+thread overlaps batch k's database round trip with batch k+1's planning), and
+only after COMMIT returns: hands every outcome to the ingests
+(``engine.handoff``), then advances each ring's release cursor and wakes the
+ingests to reply.
 
 A flusher killed at any point loses nothing: the records stay in the rings
-until the commit cursor passes them, and its successor starts at the commit
-cursor. Records committed but not yet acknowledged are written again; the
-unique key turns that into "duplicate" and the original outcome is replied.
+until the release cursor passes them, and its successor starts there.
+Records committed but not yet released are written again; the unique key
+turns that into "duplicate" and the stored outcome is replied.
 """
 
 from __future__ import annotations
@@ -103,8 +107,13 @@ class _Job:
 
 
 class FlusherProcess:
+    """Write lane ``lane``: reads ring [i][lane] of every ingest i, writes
+    on its own connection, hands outcomes back through outcome ring
+    [i][lane]."""
+
     def __init__(
         self,
+        lane: int,
         control: Control,
         data_wake: Wakeup,
         ingest_wakes: list[Wakeup],
@@ -112,15 +121,16 @@ class FlusherProcess:
         options: Options,
         pipeline: Pipeline | None,
     ) -> None:
+        self.lane = lane
         self.control = control
-        self.rings = control.intent_rings
-        self.outboxes = [OutcomeOutbox(r) for r in control.outcome_rings]
+        self.rings = [row[lane] for row in control.intent_rings]
+        self.outboxes = [OutcomeOutbox(row[lane]) for row in control.outcome_rings]
         self.data_wake = data_wake
         self.ingest_wakes = ingest_wakes
         self.dsn = dsn
         self.options = options
         self.pipeline = pipeline
-        self.counters = control.flusher
+        self.counters = control.flushers[lane]
         self.pending = [_Pending(r.committed()) for r in self.rings]
         self.stopping = False
         self.batch_no = 0
@@ -384,8 +394,10 @@ class FlusherProcess:
 
     def _writer(self) -> BatchWriter:
         if self.conn is None or self.conn.closed:
-            self.conn = psycopg.connect(self.dsn, connect_timeout=5, application_name="batchscheduler flusher")
-            self.writer = BatchWriter(self.conn, notify=self.options.notify_batches)
+            self.conn = psycopg.connect(
+                self.dsn, connect_timeout=5, application_name=f"batchscheduler flusher {self.lane}"
+            )
+            self.writer = BatchWriter(self.conn, notify=self.options.notify_batches, lane=self.lane)
             self.reconnect.reset()
             self.counters.set(F.DB_CONNECTED, 1)
         assert self.writer is not None

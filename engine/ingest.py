@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -27,16 +28,18 @@ from typing import Any
 
 import msgspec
 
+from engine import codes, metrics
 from engine import intent as im
-from engine import metrics
 from engine.handoff import OutcomeInbox
 from engine.intent import DecodedRecord, Intent, Probe, Reply, Request
+from engine.lanes import lane_of
 from engine.options import Options
 from ipc import wire
-from ipc.control import Config, Control
+from ipc.control import Control
 from ipc.control import Flusher as F
 from ipc.control import Ingest as I
 from ipc.layout import record_size
+from ipc.ring import Ring
 from ipc.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,7 @@ class Connection(asyncio.Protocol):
         self.reader = wire.FrameReader(ingest.options.max_frame_bytes)
         self.transport: asyncio.Transport | None = None
         self.in_flight = 0
-        self.backlog: collections.deque = collections.deque()  # (payload, recv_ns, client_id, seq)
+        self.backlog: collections.deque = collections.deque()  # (payload, recv_ns, client_id, seq, lane)
         self.out: list[bytes] = []
         self.paused = set()  # reasons reading is paused: "ring", "inflight", "writes", "drain", "fatal"
         self.closed = False
@@ -151,25 +154,30 @@ class IngestProcess:
         index: int,
         control: Control,
         listener: socket.socket,
-        data_wake: Wakeup,
+        data_wakes: list[Wakeup],
         commit_wake: Wakeup,
         options: Options,
         kinds: frozenset[str],
     ) -> None:
         self.index = index
         self.control = control
-        self.ring = control.intent_rings[index]
-        self.ring.resume_producer()
-        self.inbox = OutcomeInbox(self.ring, control.outcome_rings[index])
+        self.lanes = control.map.lanes
+        # One ring per lane: ring [index][l] feeds flusher lane l.
+        self.rings = control.intent_rings[index]
+        for ring in self.rings:
+            ring.resume_producer()
+        self.inboxes = [OutcomeInbox(ring, out) for ring, out in zip(self.rings, control.outcome_rings[index])]
         self.parent_pid = os.getppid()  # the supervisor; a change means it died
         self.listener = listener
-        self.data_wake = data_wake
+        self.data_wakes = data_wakes
         self.commit_wake = commit_wake
         self.options = options
         self.kinds = kinds
         self.counters = control.ingest[index]
         self.connections: set[Connection] = set()
-        self.waiting: collections.deque = collections.deque()  # (position, conn, client_id, seq)
+        # Per lane, in ring order: (position, conn, client_id, seq) of every
+        # record written and not yet released.
+        self.waiting: list[collections.deque] = [collections.deque() for _ in range(self.lanes)]
         self.blocked: collections.deque[Connection] = collections.deque()  # conns with a backlog
         self.draining = False
         self._stop = asyncio.Event()
@@ -209,7 +217,7 @@ class IngestProcess:
             "ingest %d draining%s: %d awaiting release, %d connections; deadline %.1fs",
             self.index,
             " (the supervisor is gone)" if orphaned else "",
-            len(self.waiting),
+            self.awaiting(),
             len(self.connections),
             deadline,
         )
@@ -226,7 +234,7 @@ class IngestProcess:
         ``busy``/``shutting_down`` tells the client to resend them."""
         for conn in self.blocked:
             while conn.backlog:
-                _, _, client_id, seq = conn.backlog.popleft()
+                _, _, client_id, seq, _ = conn.backlog.popleft()
                 conn.in_flight -= 1
                 conn.send(
                     self.encode_reply(
@@ -245,7 +253,7 @@ class IngestProcess:
         self.counters.set(I.PAUSED, 0)
 
     def _maybe_finish_drain(self) -> None:
-        if self.draining and not self.waiting and not self.blocked:
+        if self.draining and not self.awaiting() and not self.blocked:
             for conn in list(self.connections):
                 conn.close()
             self._stop.set()
@@ -256,12 +264,12 @@ class IngestProcess:
         # promised for them. Their connections close; the client's resend
         # gets the stored outcome, or stores it. Nothing is acknowledged
         # that is not durable.
-        if self.waiting:
+        if self.awaiting():
             log.warning(
                 "ingest %d: %d intents in the ring were not released by the drain deadline; closing their "
                 "connections without a reply (a resend gets the stored outcome)",
                 self.index,
-                len(self.waiting),
+                self.awaiting(),
             )
         for conn in list(self.connections):
             conn.close()
@@ -299,7 +307,9 @@ class IngestProcess:
         packed = conn.reader.mode == wire.MODE_MSGPACK
         decode = self._dec_pack.decode if packed else self._dec_json.decode
         encode_record = self._json.encode
-        busy = self.control.flusher.get(F.BREAKER) == 1
+        lanes = self.lanes
+        # A lane whose breaker is open answers busy; the others carry on.
+        open_lanes = [f.get(F.BREAKER) == 1 for f in self.control.flushers]
         recv_ns = time.monotonic_ns()
         recv_us = time.time_ns() // 1000
         kinds = self.kinds
@@ -326,7 +336,7 @@ class IngestProcess:
                             intent.client_id,
                             intent.seq,
                             im.REJECTED,
-                            "unknown_kind",
+                            codes.UNKNOWN_KIND,
                             f"unknown kind {intent.kind!r}; known kinds: {', '.join(sorted(kinds))}",
                         ),
                     )
@@ -338,20 +348,21 @@ class IngestProcess:
                 payload = encode_record(
                     DecodedRecord(intent.client_id, intent.seq, intent.entity, intent.kind, intent.args, recv_us)
                 )
-                bad = im.record_problem(intent, payload)
+                bad = im.record_problem(intent, payload, frame, packed)
             except (msgspec.EncodeError, TypeError, ValueError, RecursionError, OverflowError) as exc:
                 # msgpack can carry what JSON cannot: ext types, non-string
-                # keys, lone surrogates.
-                bad = f"args cannot be stored as JSON ({type(exc).__name__}: {exc})"
+                # keys, lone surrogates. Name the place where we can.
+                bad = im.json_problem(intent.args) or f"args cannot be stored as JSON ({type(exc).__name__}: {exc})"
             if bad:
                 rejected += 1
                 conn.send(
                     self.encode_reply(
-                        conn, Reply(intent.client_id, intent.seq, im.REJECTED, "invalid", im.clip_reason(bad))
+                        conn, Reply(intent.client_id, intent.seq, im.REJECTED, codes.INVALID, im.clip_reason(bad))
                     )
                 )
                 continue
-            if busy or self.draining:
+            lane = lane_of(intent.entity, lanes)
+            if open_lanes[lane] or self.draining:
                 conn.send(
                     self.encode_reply(
                         conn,
@@ -359,7 +370,7 @@ class IngestProcess:
                             intent.client_id,
                             intent.seq,
                             im.BUSY,
-                            "shutting_down" if self.draining else "database_unavailable",
+                            codes.SHUTTING_DOWN if self.draining else codes.DATABASE_UNAVAILABLE,
                             "engine is shutting down; resend later"
                             if self.draining
                             else "database unavailable (circuit breaker open); nothing stored, resend later",
@@ -367,7 +378,7 @@ class IngestProcess:
                     )
                 )
                 continue
-            backlog.append((payload, recv_ns, intent.client_id, intent.seq))
+            backlog.append((payload, recv_ns, intent.client_id, intent.seq, lane))
             accepted += 1
         if accepted:
             self.counters.add(I.RECEIVED, accepted)
@@ -384,29 +395,49 @@ class IngestProcess:
         conn.flush()
 
     def _write_backlog(self, conn: Connection) -> bool:
-        """Move the connection's backlog into the ring; True when emptied."""
-        ring = self.ring
+        """Move the connection's backlog into its lanes' rings, in order;
+        True when emptied. A full ring stops the connection's backlog there
+        (its later intents may be for the same entity)."""
+        rings = self.rings
         backlog = conn.backlog
         waiting = self.waiting
-        wrote = 0
-        with ring.claim() as claim:
+        with contextlib.ExitStack() as stack:
+            claimed: dict[int, Ring] = {}
             while backlog:
-                payload, recv_ns, client_id, seq = backlog[0]
+                payload, recv_ns, client_id, seq, lane = backlog[0]
+                claim = claimed.get(lane)
+                if claim is None:
+                    claim = claimed[lane] = stack.enter_context(rings[lane].claim())
                 if not claim.try_append(payload, recv_ns):
                     break
                 # Counted back from the end: a pad may have preceded the record.
-                waiting.append((claim.claimed - record_size(len(payload)), conn, client_id, seq))
+                waiting[lane].append((claim.claimed - record_size(len(payload)), conn, client_id, seq))
                 backlog.popleft()
-                wrote += 1
-        if wrote:
-            self.data_wake.signal()
+        for lane in claimed:  # published as the stack closed
+            self.data_wakes[lane].signal()
         return not backlog
 
     def _control_request(self, conn: Connection, frame: bytes, packed: bool) -> bool:
+        """Answer ``frame`` when it is a control message (``{"op": …}``,
+        nothing else): its reply, or ``unknown_op``, or ``invalid`` for a
+        duplicate key. False when it is not one."""
         try:
             req = (self._req_pack if packed else self._req_json).decode(frame)
         except _UNDECODABLE:
+            req = None
+        op = req.op if req is not None else im.unknown_op(frame, packed)
+        if op is None:
             return False
+        dup = wire.msgpack_duplicate_key(frame) if packed else wire.json_duplicate_key(frame)
+        if dup is not None or req is None:
+            code, reason = (
+                (codes.INVALID, f"duplicate key {dup}: an object may hold each key only once")
+                if dup is not None
+                else (codes.UNKNOWN_OP, f"unknown op {op!r}; known ops: {', '.join(im.CONTROL_OPS)}")
+            )
+            self.counters.add(I.REJECTED, 1)
+            conn.send(self.encode_reply(conn, Reply(None, None, im.REJECTED, code, im.clip_reason(reason))))
+            return True
         body = {"op": req.op, "status": "ok"}
         if req.op in ("health", "metrics"):
             body.update(self.health() if req.op == "health" else self.metrics())
@@ -422,11 +453,13 @@ class IngestProcess:
             return self._bad_utf8_rejection(conn, frame, packed, bad)
         client_id, seq = self._probe(frame, packed)
         if isinstance(exc, msgspec.ValidationError):
-            code, reason = "invalid", f"invalid intent: {exc}"
+            # msgspec names no more than `$.args[...]` for a number like 1e999.
+            number = None if packed or "out of range" not in str(exc) else im.json_number_problem(frame)
+            code, reason = codes.INVALID, number or f"invalid intent: {exc}"
         elif isinstance(exc, RecursionError):
-            code, reason = "malformed", "message nested too deeply"
+            code, reason = codes.MALFORMED, "message nested too deeply"
         else:
-            code = "malformed"
+            code = codes.MALFORMED
             what = "MessagePack" if packed else "JSON"
             reason = f"not valid {what}: {exc}"
         return self.encode_reply(conn, Reply(client_id, seq, im.REJECTED, code, im.clip_reason(reason)))
@@ -446,7 +479,7 @@ class IngestProcess:
             if client_id is not None and "\0" in client_id:
                 client_id = None
             reason = f"a string is not valid UTF-8 ({bad.reason} at byte {bad.offset} of the frame)"
-            return self.encode_reply(conn, Reply(client_id, seq, im.REJECTED, "malformed", reason))
+            return self.encode_reply(conn, Reply(client_id, seq, im.REJECTED, codes.MALFORMED, reason))
         text = frame.decode("utf-8", "replace")
         client_id, seq = self._probe(text.encode(), packed)
         if client_id is not None and "\ufffd" in client_id:
@@ -458,7 +491,7 @@ class IngestProcess:
         except _UNDECODABLE:
             where = "line"
         reason = f"{where} is not valid UTF-8 ({bad.reason} at byte {bad.offset} of the line)"
-        return self.encode_reply(conn, Reply(client_id, seq, im.REJECTED, "not_utf8", reason))
+        return self.encode_reply(conn, Reply(client_id, seq, im.REJECTED, codes.NOT_UTF8, reason))
 
     def _probe(self, frame: bytes, packed: bool) -> tuple[str | None, int | None]:
         """The client_id and seq of a frame that failed to decode, where readable."""
@@ -472,12 +505,26 @@ class IngestProcess:
 
     # ----------------------------------------------------------------- output
     def on_commit(self) -> None:
-        """The flusher advanced our commit cursor: reply to what is durable."""
+        """A lane moved one of our release cursors: reply to what is durable."""
         self.commit_wake.drain()
-        inbox = self.inbox
-        released = inbox.released()
-        waiting = self.waiting
         touched: set[Connection] = set()
+        replies = 0
+        for inbox, waiting in zip(self.inboxes, self.waiting):
+            replies += self._release(inbox, waiting, touched)
+        if replies:
+            self.counters.add(I.REPLIES, replies)
+        limit = self.options.max_in_flight_per_connection
+        for conn in touched:
+            conn.flush()
+            if "inflight" in conn.paused and conn.in_flight < limit // 2 + 1:
+                conn.resume("inflight")
+            conn.close_if_done()
+        self._unblock()
+        self._maybe_finish_drain()
+
+    def _release(self, inbox: OutcomeInbox, waiting: collections.deque, touched: set[Connection]) -> int:
+        """Reply to one lane's released intents with the outcome it handed over."""
+        released = inbox.released()
         encode_json = self._json.encode
         encode_pack = self._pack.encode
         replies = 0
@@ -499,16 +546,11 @@ class IngestProcess:
             conn.in_flight -= 1
             touched.add(conn)
         inbox.forget_below(released)
-        if replies:
-            self.counters.add(I.REPLIES, replies)
-        limit = self.options.max_in_flight_per_connection
-        for conn in touched:
-            conn.flush()
-            if "inflight" in conn.paused and conn.in_flight < limit // 2 + 1:
-                conn.resume("inflight")
-            conn.close_if_done()
-        self._unblock()
-        self._maybe_finish_drain()
+        return replies
+
+    def awaiting(self) -> int:
+        """Intents written to a ring and not yet released."""
+        return sum(len(w) for w in self.waiting)
 
     def _unblock(self) -> None:
         blocked = self.blocked
@@ -524,33 +566,7 @@ class IngestProcess:
             self.counters.set(I.PAUSED, 0)
 
     def health(self) -> dict:
-        f = self.control.flusher
-        last = f.get(F.LAST_FLUSH_WALL_NS)
-        breaker = f.get(F.BREAKER)
-        cfg = self.control.config
-        # "restarting": the supervisor saw the embedded server die and is
-        # bringing it back; "down": the flusher's connection failed (an
-        # external server, or the embedded one not yet reachable again).
-        if not cfg.get(Config.DATABASE):
-            database = "restarting"
-        elif not f.get(F.DB_CONNECTED):
-            database = "down"
-        else:
-            database = "up"
-        return {
-            "is_healthy": breaker == 0 and not self.draining and database == "up",
-            "batching_enabled": breaker != 1,
-            "current_batch_size": f.get(F.BATCH_LIMIT),
-            "error_rate": round(f.get(F.DEAD_LETTERED) / max(1, f.get(F.INTENTS)), 6),
-            "average_latency_ms": round(f.get(F.LATENCY_EWMA_US) / 1000, 3),
-            "last_successful_flush": None
-            if not last
-            else time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(last / 1e9)) + f".{last % 1_000_000_000 // 1000:06d}Z",
-            "breaker": ("closed", "open", "half_open")[breaker],
-            "draining": self.draining,
-            "database": database,
-            "database_restarts": cfg.get(Config.DB_RESTARTS),
-        }
+        return metrics.health(self.control, draining=self.draining)
 
     def metrics(self) -> dict:
         return metrics.snapshot(self.control)
@@ -560,10 +576,10 @@ def run(
     index: int,
     control: Control,
     listener: socket.socket,
-    data_wake: Wakeup,
+    data_wakes: list[Wakeup],
     commit_wake: Wakeup,
     options: Options,
     kinds: frozenset[str],
 ) -> None:
-    ingest = IngestProcess(index, control, listener, data_wake, commit_wake, options, kinds)
+    ingest = IngestProcess(index, control, listener, data_wakes, commit_wake, options, kinds)
     asyncio.run(ingest.serve())

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
-from ipc.control import Control
+from engine.policy import OPEN, STATE_NAMES
+from ipc.control import Config, Control
 from ipc.control import Flusher as F
 from ipc.control import Ingest as I
 
@@ -29,9 +31,80 @@ def exit_name(code: int) -> str:
     return str(code)
 
 
+# Flusher words that are levels, not counts: summed over lanes they would lie.
+_GAUGES = {
+    F.LAST_FLUSH_WALL_NS: max,
+    F.LAST_BATCH_SIZE: max,
+    F.BATCH_LIMIT: max,
+    F.BREAKER: lambda states: OPEN if OPEN in states else max(states),  # open beats half-open beats closed
+    F.CONSECUTIVE_FAILURES: max,
+    F.LATENCY_EWMA_US: max,
+    F.READY_NS: min,
+    F.DB_CONNECTED: min,
+}
+
+
+def _iso(wall_ns: int) -> str | None:
+    if not wall_ns:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall_ns / 1e9)) + f".{wall_ns % 1_000_000_000 // 1000:06d}Z"
+
+
+def lanes_total(control: Control) -> list[int]:
+    """The flusher words of every lane combined: counts summed, levels by _GAUGES."""
+    rows = [c.snapshot() for c in control.flushers]
+    return [_GAUGES[i]([r[i] for r in rows]) if i in _GAUGES else sum(r[i] for r in rows) for i in range(len(rows[0]))]
+
+
+def health(control: Control, *, draining: bool) -> dict:
+    """The seed's HealthStatus (snake_case), overall and per lane.
+
+    ``database``: "restarting" while the supervisor brings a dead embedded
+    server back; "down" while any lane's connection is failing (an external
+    server, or the embedded one not yet reachable again); else "up"."""
+    cfg = control.config
+    lanes = []
+    for lane, counters in enumerate(control.flushers):
+        f = counters.snapshot()
+        lanes.append(
+            {
+                "lane": lane,
+                "breaker": STATE_NAMES[f[F.BREAKER]],
+                "connected": bool(f[F.DB_CONNECTED]),
+                "current_batch_size": f[F.BATCH_LIMIT],
+                "average_latency_ms": round(f[F.LATENCY_EWMA_US] / 1000, 3),
+                "last_successful_flush": _iso(f[F.LAST_FLUSH_WALL_NS]),
+            }
+        )
+    total = lanes_total(control)
+    if not cfg.get(Config.DATABASE):
+        database = "restarting"
+    elif not all(lane["connected"] for lane in lanes):
+        database = "down"
+    else:
+        database = "up"
+    breaker = total[F.BREAKER]
+    return {
+        "is_healthy": breaker == 0 and not draining and database == "up",
+        "batching_enabled": all(lane["breaker"] != "open" for lane in lanes),
+        "current_batch_size": total[F.BATCH_LIMIT],
+        "error_rate": round(total[F.DEAD_LETTERED] / max(1, total[F.INTENTS]), 6),
+        "average_latency_ms": round(total[F.LATENCY_EWMA_US] / 1000, 3),
+        "last_successful_flush": _iso(total[F.LAST_FLUSH_WALL_NS]),
+        "breaker": STATE_NAMES[breaker],
+        "draining": draining,
+        "database": database,
+        "database_restarts": cfg.get(Config.DB_RESTARTS),
+        "lanes": lanes,
+    }
+
+
 def snapshot(control: Control) -> dict:
-    flusher = control.flusher.snapshot()
+    flusher = lanes_total(control)
     out: dict = {"flusher": {name: flusher[i] for i, name in _FLUSHER_NAMES.items()}}
+    out["lanes"] = [
+        {name: values[i] for i, name in _FLUSHER_NAMES.items()} for values in (c.snapshot() for c in control.flushers)
+    ]
     cuts = flusher[F.TIME_CUTS] + flusher[F.SIZE_CUTS] + flusher[F.DRAIN_CUTS]
     out["flush_trigger_ratio"] = {
         "time_triggered": round(flusher[F.TIME_CUTS] / cuts, 4) if cuts else 0.0,
@@ -44,9 +117,10 @@ def snapshot(control: Control) -> dict:
     workers = []
     for slot, counters in enumerate(control.workers):
         pid, restarts, last_exit, _ = counters.snapshot()
+        lanes = control.map.lanes
         workers.append(
             {
-                "role": "flusher" if slot == 0 else f"ingest {slot - 1}",
+                "role": f"flusher {slot}" if slot < lanes else f"ingest {slot - lanes}",
                 "pid": pid,
                 "restarts": restarts,
                 "last_exit": exit_name(last_exit) if restarts else None,

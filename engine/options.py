@@ -48,8 +48,12 @@ class Options(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     # --- processes and memory ----------------------------------------------
     ingests: int = 1
+    lanes: int = 2
+    """Write lanes: flusher processes, each with its own database connection
+    and its own slice of the entities (``engine.lanes.lane_of``). Measured
+    on the 2-core box: see BENCHMARKS.md, "Lanes"."""
     ring_bytes: int = 8 << 20
-    """Byte capacity of each ingest's ring (power of two)."""
+    """Byte capacity of each ring, one per (ingest, lane) (power of two)."""
     max_frame_bytes: int = 64 << 10
     max_in_flight_per_connection: int = 8192
     max_connections: int = 4096
@@ -142,6 +146,7 @@ def _validate(o: Options) -> None:
         "must be >= 1",
     )
     _check(1 <= o.ingests <= 64, "ingests", o.ingests, "must be between 1 and 64")
+    _check(1 <= o.lanes <= 64, "lanes", o.lanes, "must be between 1 and 64")
     _check(
         o.ring_bytes >= 1 << 16 and o.ring_bytes <= 1 << 30 and not o.ring_bytes & (o.ring_bytes - 1),
         "ring_bytes",
@@ -325,7 +330,8 @@ HELP: dict[str, str] = {
     "breaker_failure_threshold": "consecutive failed batch writes that open the circuit breaker (seed: 5)",
     "breaker_recovery_timeout_s": "seconds an open breaker waits before a test batch (seed: 30)",
     "breaker_half_open_test_count": "test batches that must succeed to close the breaker (seed: 3)",
-    "ingests": "number of ingest processes (each with its own ring)",
+    "ingests": "number of ingest processes (each with one ring per lane)",
+    "lanes": "write lanes: flusher processes, each with its own connection and slice of the entities",
     "ring_bytes": "byte capacity of each ingest's ring, a power of two (default 8 MiB)",
     "max_frame_bytes": "largest frame or JSON line accepted (default 64 KiB)",
     "max_in_flight_per_connection": "unanswered intents per connection before reading pauses",

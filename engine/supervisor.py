@@ -105,10 +105,11 @@ class Supervisor:
         self.dsn: str | None = options.dsn
         self.segment: Segment | None = None
         self.control: Control | None = None
-        self.data_wake: Wakeup | None = None
+        self.data_wakes: list[Wakeup] = []  # one per lane
         self.commit_wakes: list[Wakeup] = []
         self.listener: socket.socket | None = None
-        self.socket_path = Path(options.socket).resolve()
+        # Absolute, never resolved: a symlink at the path is refused, not followed.
+        self.socket_path = Path(options.socket).absolute()
         self.workers: list[WorkerHandle] = []
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -149,15 +150,17 @@ class Supervisor:
         except Exception as exc:
             raise StartupError(f"database {self._safe_dsn()} unusable: {exc}") from exc
         log.info("PostgreSQL %d at %s; migrations applied now: %s", version, self._safe_dsn(), applied or "none")
-        smap = SegmentMap(o.ingests, o.ring_bytes, OUTCOME_RING_BYTES)
+        smap = SegmentMap(o.ingests, o.lanes, o.ring_bytes, OUTCOME_RING_BYTES)
         self.segment = Segment.create(smap.size)
         self.control = Control(self.segment.buf, smap, create=True)
         self._write_config(o)
         self.control.config.set(Config.DATABASE, 1)
-        self.data_wake = Wakeup()
+        self.data_wakes = [Wakeup() for _ in range(o.lanes)]
         self.commit_wakes = [Wakeup() for _ in range(o.ingests)]
         self.listener = self._listen()
-        self.workers = [WorkerHandle("flusher", 0, 0)] + [WorkerHandle("ingest", i, i + 1) for i in range(o.ingests)]
+        self.workers = [WorkerHandle("flusher", lane, lane) for lane in range(o.lanes)] + [
+            WorkerHandle("ingest", i, self.control.ingest_slot(i)) for i in range(o.ingests)
+        ]
         for handle in self.workers:
             self._spawn(handle)
         self._wait_ready()
@@ -177,7 +180,7 @@ class Supervisor:
                     raise StartupError(
                         f"{handle.name} exited with {exit_name(code)} during start (its log lines above say why)"
                     )
-            flusher_ready = self.control.flusher.get(F.READY_NS) > 0
+            flusher_ready = all(c.get(F.READY_NS) > 0 for c in self.control.flushers)
             if flusher_ready and all(c.get(I.READY_NS) > 0 for c in self.control.ingest):
                 return
             if time.monotonic() > deadline:
@@ -211,7 +214,9 @@ class Supervisor:
     def _claim_socket_path(self) -> None:
         path = self.socket_path
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() or path.is_symlink():
+        if path.is_symlink():
+            raise StartupError(f"{path} is a symbolic link; refusing to follow it (--socket must not name a symlink)")
+        if path.exists():
             if not stat.S_ISSOCK(path.lstat().st_mode):
                 raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -313,14 +318,19 @@ class Supervisor:
     # ---------------------------------------------------------------- workers
     def _spawn(self, handle: WorkerHandle) -> None:
         o = self.options
-        fds = [self.segment.fd, self.data_wake.fd, *[w.fd for w in self.commit_wakes], self.listener.fileno()]
+        fds = [
+            self.segment.fd,
+            *[w.fd for w in self.data_wakes],
+            *[w.fd for w in self.commit_wakes],
+            self.listener.fileno(),
+        ]
         spec = WorkerSpec(
             role=handle.role,
             index=handle.index,
             segment_fd=self.segment.fd,
             segment_size=self.segment.size,
             segment_map=[int(a) for a in self.control.map.args()],
-            data_wake_fd=self.data_wake.fd,
+            data_wake_fds=[w.fd for w in self.data_wakes],
             commit_wake_fds=[w.fd for w in self.commit_wakes],
             listen_fd=self.listener.fileno(),
             dsn=self.dsn,
@@ -466,7 +476,8 @@ class Supervisor:
         self.control.config.set(Config.EPOCH, self.control.config.get(Config.EPOCH) + 1)
         ingests = [h for h in self.workers if h.role == "ingest"]
         flusher = [h for h in self.workers if h.role == "flusher"]
-        self.data_wake.signal()
+        for wake in self.data_wakes:
+            wake.signal()
         clean = self._stop_group(ingests, deadline=t0 + budget * DRAIN_KILL_SHARE)
         clean &= self._stop_group(flusher, deadline=t0 + budget)
         log.info("drained in %.2fs (%s)", time.monotonic() - t0, "clean" if clean else "forced")
@@ -519,10 +530,10 @@ class Supervisor:
         if self.segment is not None:
             self.segment.close()
             self.segment = None
-        for wake in [self.data_wake, *self.commit_wakes]:
+        for wake in [*self.data_wakes, *self.commit_wakes]:
             if wake is not None:
                 wake.close()
-        self.data_wake, self.commit_wakes = None, []
+        self.data_wakes, self.commit_wakes = [], []
         self._unwatch_database()
         if self.pg is not None:
             self.pg.stop()

@@ -6,7 +6,7 @@ shared segment, the eventfds and the listening socket with ``pass_fds``, and
 describes them in the ``BATCHSCHEDULER_WORKER_SPEC`` environment variable (not
 argv, so a DSN with a password does not show in ``ps``).
 
-A worker names itself (``batchscheduler: flusher``, ``batchscheduler: ingest
+A worker names itself (``batchscheduler: flusher 0`` for lane 0, ``batchscheduler: ingest
 0``), asks the kernel to SIGTERM it if the supervisor dies, maps the segment,
 runs its role and exits 0 after a clean drain.
 """
@@ -28,11 +28,11 @@ PR_SET_PDEATHSIG = 1
 
 class WorkerSpec(msgspec.Struct):
     role: str  # "flusher" | "ingest"
-    index: int
+    index: int  # the flusher's lane, or the ingest's number
     segment_fd: int
     segment_size: int
     segment_map: list[int]  # SegmentMap.args()
-    data_wake_fd: int
+    data_wake_fds: list[int]  # one per lane: an ingest signals lane l's after writing ring [i][l]
     commit_wake_fds: list[int]
     listen_fd: int
     dsn: str
@@ -41,7 +41,7 @@ class WorkerSpec(msgspec.Struct):
 
 
 def title(role: str, index: int) -> str:
-    return "batchscheduler: flusher" if role == "flusher" else f"batchscheduler: ingest {index}"
+    return f"batchscheduler: {role} {index}"
 
 
 def _die_with_parent(parent: int) -> None:
@@ -83,7 +83,7 @@ def main() -> int:
     gc.freeze()
     segment = Segment.attach(spec.segment_fd, spec.segment_size)
     control = Control(segment.buf, SegmentMap(*spec.segment_map))
-    data_wake = Wakeup(spec.data_wake_fd)
+    data_wakes = [Wakeup(fd) for fd in spec.data_wake_fds]
     registry = handlers.load(options.handlers)
     try:
         if spec.role == "flusher":
@@ -91,8 +91,9 @@ def main() -> int:
             from engine.pipeline import Pipeline
 
             flusher = FlusherProcess(
+                spec.index,
                 control,
-                data_wake,
+                data_wakes[spec.index],
                 [Wakeup(fd) for fd in spec.commit_wake_fds],
                 spec.dsn,
                 options,
@@ -111,7 +112,7 @@ def main() -> int:
                 spec.index,
                 control,
                 listener,
-                data_wake,
+                data_wakes,
                 Wakeup(spec.commit_wake_fds[spec.index]),
                 options,
                 registry.kinds(),

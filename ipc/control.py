@@ -1,19 +1,22 @@
-"""The shared segment's map: a control block, then one ring pair per ingest.
+"""The shared segment's map: a control block, then one ring pair per
+(ingest, lane).
 
 Segment layout (every region starts on a 4 KiB page)::
 
-    +---------------------------------------------------------------+
-    | control block (CONTROL_BYTES)                                  |
-    |   config words      -- written by the supervisor               |
-    |   flusher counters  -- written by the flusher                  |
-    |   ingest[i] counters-- written by ingest i                     |
-    |   worker slots      -- written by the supervisor               |
-    +---------------------------------------------------------------+
-    | ingest 0: intent ring   (producer ingest 0, consumer flusher)  |
-    | ingest 0: outcome ring  (producer flusher, consumer ingest 0)  |
-    +---------------------------------------------------------------+
-    | ingest 1: ...                                                 |
+    +------------------------------------------------------------------+
+    | control block (CONTROL_BYTES)                                     |
+    |   config words        -- written by the supervisor                |
+    |   flusher[l] counters -- written by flusher lane l                |
+    |   ingest[i] counters  -- written by ingest i                      |
+    |   worker slots        -- written by the supervisor                |
+    +------------------------------------------------------------------+
+    | pair (0, 0): intent ring  (producer ingest 0, consumer lane 0)    |
+    |              outcome ring (producer lane 0, consumer ingest 0)    |
+    +------------------------------------------------------------------+
+    | pair (0, 1): ...  one pair per (ingest i, lane l), i major        |
 
+SPSC stays SPSC: ingest i is the only writer of intent ring [i][l] and
+lane l its only reader; lane l is the only writer of outcome ring [i][l].
 Every int64 here has exactly one writing process (see ``ipc.cursors``).
 """
 
@@ -25,6 +28,7 @@ from ipc.ring import Ring
 
 PAGE = 4096
 MAX_INGESTS = 64
+MAX_LANES = 64
 
 
 class Config:
@@ -91,10 +95,10 @@ class Worker:
 
 _CONFIG_OFFSET = 0
 _FLUSHER_OFFSET = _CONFIG_OFFSET + 8 * Config.COUNT
-_INGEST_OFFSET = _FLUSHER_OFFSET + 8 * Flusher.COUNT
+_INGEST_OFFSET = _FLUSHER_OFFSET + 8 * Flusher.COUNT * MAX_LANES
 _WORKERS_OFFSET = _INGEST_OFFSET + 8 * Ingest.COUNT * MAX_INGESTS
-# Worker slot 0 is the flusher, slot 1 + i is ingest i.
-CONTROL_BYTES = -(-(_WORKERS_OFFSET + 8 * Worker.COUNT * (MAX_INGESTS + 1)) // PAGE) * PAGE
+# Worker slot l is flusher lane l (l < lanes), slot lanes + i is ingest i.
+CONTROL_BYTES = -(-(_WORKERS_OFFSET + 8 * Worker.COUNT * (MAX_LANES + MAX_INGESTS)) // PAGE) * PAGE
 
 
 def _page_align(n: int) -> int:
@@ -102,53 +106,84 @@ def _page_align(n: int) -> int:
 
 
 class SegmentMap:
-    """Where everything lives for ``ingests`` ring pairs of the given sizes."""
+    """Where everything lives for ``ingests`` x ``lanes`` ring pairs of the given sizes."""
 
-    def __init__(self, ingests: int, ring_bytes: int, outcome_bytes: int) -> None:
+    def __init__(self, ingests: int, lanes: int, ring_bytes: int, outcome_bytes: int) -> None:
         if not 1 <= ingests <= MAX_INGESTS:
             raise ValueError(f"ingests must be between 1 and {MAX_INGESTS}, got {ingests}")
+        if not 1 <= lanes <= MAX_LANES:
+            raise ValueError(f"lanes must be between 1 and {MAX_LANES}, got {lanes}")
         layout.check_capacity(ring_bytes)
         layout.check_capacity(outcome_bytes)
         self.ingests = ingests
+        self.lanes = lanes
         self.ring_bytes = ring_bytes
         self.outcome_bytes = outcome_bytes
         self._pair = _page_align(layout.ring_bytes(ring_bytes)) + _page_align(layout.ring_bytes(outcome_bytes))
-        self.size = CONTROL_BYTES + ingests * self._pair
+        self.size = CONTROL_BYTES + ingests * lanes * self._pair
 
-    def intent_ring_offset(self, i: int) -> int:
-        return CONTROL_BYTES + i * self._pair
+    def intent_ring_offset(self, i: int, lane: int) -> int:
+        return CONTROL_BYTES + (i * self.lanes + lane) * self._pair
 
-    def outcome_ring_offset(self, i: int) -> int:
-        return self.intent_ring_offset(i) + _page_align(layout.ring_bytes(self.ring_bytes))
+    def outcome_ring_offset(self, i: int, lane: int) -> int:
+        return self.intent_ring_offset(i, lane) + _page_align(layout.ring_bytes(self.ring_bytes))
 
     def args(self) -> list[str]:
         """The map as command-line words, so a worker can rebuild it."""
-        return [str(self.ingests), str(self.ring_bytes), str(self.outcome_bytes)]
+        return [str(self.ingests), str(self.lanes), str(self.ring_bytes), str(self.outcome_bytes)]
 
 
 class Control:
-    """Typed views over the control block and the rings of one segment."""
+    """Typed views over the control block and the rings of one segment.
+
+    ``intent_rings[i][l]`` and ``outcome_rings[i][l]`` are the pair between
+    ingest ``i`` and lane ``l``; ``flushers[l]`` are lane ``l``'s counters;
+    ``workers[l]`` is lane ``l``'s slot and ``workers[lanes + i]`` ingest ``i``'s."""
 
     def __init__(self, buf: memoryview, smap: SegmentMap, *, create: bool = False) -> None:
         self.map = smap
         self.config = Counters(buf, _CONFIG_OFFSET, Config.COUNT)
-        self.flusher = Counters(buf, _FLUSHER_OFFSET, Flusher.COUNT)
+        self.flushers = [
+            Counters(buf, _FLUSHER_OFFSET + 8 * Flusher.COUNT * lane, Flusher.COUNT) for lane in range(smap.lanes)
+        ]
         self.ingest = [Counters(buf, _INGEST_OFFSET + 8 * Ingest.COUNT * i, Ingest.COUNT) for i in range(smap.ingests)]
         self.workers = [
-            Counters(buf, _WORKERS_OFFSET + 8 * Worker.COUNT * i, Worker.COUNT) for i in range(smap.ingests + 1)
+            Counters(buf, _WORKERS_OFFSET + 8 * Worker.COUNT * s, Worker.COUNT)
+            for s in range(smap.lanes + smap.ingests)
         ]
         self.intent_rings = [
-            Ring(buf, smap.intent_ring_offset(i), smap.ring_bytes, create=create, name=f"intents[{i}]")
+            [
+                Ring(
+                    buf, smap.intent_ring_offset(i, lane), smap.ring_bytes, create=create, name=f"intents[{i}][{lane}]"
+                )
+                for lane in range(smap.lanes)
+            ]
             for i in range(smap.ingests)
         ]
         self.outcome_rings = [
-            Ring(buf, smap.outcome_ring_offset(i), smap.outcome_bytes, create=create, name=f"outcomes[{i}]")
+            [
+                Ring(
+                    buf,
+                    smap.outcome_ring_offset(i, lane),
+                    smap.outcome_bytes,
+                    create=create,
+                    name=f"outcomes[{i}][{lane}]",
+                )
+                for lane in range(smap.lanes)
+            ]
             for i in range(smap.ingests)
         ]
 
+    def ingest_slot(self, i: int) -> int:
+        return self.map.lanes + i
+
     def close(self) -> None:
         """Release every view (required before the segment can be unmapped)."""
-        for counters in (self.config, self.flusher, *self.ingest, *self.workers):
+        for counters in (self.config, *self.flushers, *self.ingest, *self.workers):
             counters.release()
-        for ring in (*self.intent_rings, *self.outcome_rings):
+        for ring in (*_flat(self.intent_rings), *_flat(self.outcome_rings)):
             ring.close()
+
+
+def _flat(rows: list[list[Ring]]) -> list[Ring]:
+    return [ring for row in rows for ring in row]

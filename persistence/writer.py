@@ -52,8 +52,8 @@ log = logging.getLogger(__name__)
 
 S = "batchscheduler"
 
-INSERT_BATCH = f"""INSERT INTO {S}.batches (size, cut_reason, first_received_at, cut_at)
-VALUES (%(size)s, %(reason)s, to_timestamp(%(first)s), to_timestamp(%(cut)s)) RETURNING id"""
+INSERT_BATCH = f"""INSERT INTO {S}.batches (size, cut_reason, first_received_at, cut_at, lane)
+VALUES (%(size)s, %(reason)s, to_timestamp(%(first)s), to_timestamp(%(cut)s), %(lane)s) RETURNING id"""
 
 # batch_id comes from currval() so this can be queued behind INSERT_BATCH in
 # the same pipeline sync without waiting for the id.
@@ -163,9 +163,10 @@ def is_connection_error(exc: BaseException) -> bool:
 class BatchWriter:
     """Writes batches on one connection (autocommit off; one transaction each)."""
 
-    def __init__(self, conn: psycopg.Connection, *, notify: bool = False) -> None:
+    def __init__(self, conn: psycopg.Connection, *, notify: bool = False, lane: int = 0) -> None:
         self.conn = conn
         self.notify = notify
+        self.lane = lane
 
     def write_fast(
         self,
@@ -193,7 +194,7 @@ class BatchWriter:
             if plan is None:
                 return None
         cb = conn.cursor()
-        head = {"size": size, "reason": reason, "first": first_received, "cut": cut_at}
+        head = {"size": size, "reason": reason, "first": first_received, "cut": cut_at, "lane": self.lane}
         try:
             with conn.pipeline(), conn.transaction():
                 cb.execute(INSERT_BATCH, head, prepare=True)
@@ -227,7 +228,7 @@ class BatchWriter:
         """One transaction for the whole batch; raises psycopg.Error on failure
         (the transaction is rolled back)."""
         conn = self.conn
-        head = {"size": size, "reason": reason, "first": first_received, "cut": cut_at}
+        head = {"size": size, "reason": reason, "first": first_received, "cut": cut_at, "lane": self.lane}
         cb, cl = conn.cursor(), conn.cursor()
         if planner is None:
             with conn.pipeline(), conn.transaction():
@@ -277,7 +278,8 @@ class BatchWriter:
         with conn.transaction():
             batch_id = _scalar(
                 conn.execute(
-                    INSERT_BATCH, {"size": len(records), "reason": reason, "first": first_received, "cut": cut_at}
+                    INSERT_BATCH,
+                    {"size": len(records), "reason": reason, "first": first_received, "cut": cut_at, "lane": self.lane},
                 )
             )
             for ord_, record in enumerate(records, start=1):

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_ENGINE = ROOT / "tools" / "run_engine"
 sys.path.insert(0, str(ROOT))
 
+from engine.options import Options  # noqa: E402
 from persistence.embedded import EmbeddedPostgres  # noqa: E402
 
 
@@ -136,6 +137,7 @@ class Engine:
         self.dsn = dsn
         self.log_path = log_path
         self.stdout_lines: list[str] = []
+        self.lanes = 1
         self.pump: threading.Thread | None = None
 
     def workers(self) -> dict[str, psutil.Process]:
@@ -145,10 +147,14 @@ class Engine:
                 title = " ".join(child.cmdline())
             except psutil.Error:
                 continue
-            match = re.match(r"batchscheduler: (flusher|ingest \d+)", title)
+            match = re.match(r"batchscheduler: (flusher \d+|ingest \d+)", title)
             if match:
                 found[match.group(1)] = child
         return found
+
+    def roles(self) -> set[str]:
+        """Every worker this engine runs: one flusher per lane, one ingest here."""
+        return {f"flusher {lane}" for lane in range(self.lanes)} | {"ingest 0"}
 
     def worker(self, role: str, timeout: float = 15.0) -> psutil.Process:
         return wait_for(lambda: self.workers().get(role), timeout, f"worker {role}")
@@ -188,6 +194,7 @@ def start_engine(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=full_env)
     engine = Engine(proc, sock, dsn or "", log_path)
+    engine.lanes = int(args[args.index("--lanes") + 1]) if "--lanes" in args else Options().lanes
     ready = threading.Event()
 
     def pump():

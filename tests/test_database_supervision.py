@@ -82,7 +82,7 @@ def test_a_killed_postmaster_is_restarted_and_everything_in_the_rings_commits(en
     client.send("hero", "spawn", {"state": {"pos": {"x": 0, "y": 0}}})
     client.wait_all(20)
     old = postmaster(engine)
-    flusher = engine.worker("flusher")
+    flusher = engine.worker("flusher 0")
     # Intents that are in the ring when the database dies.
     flusher.send_signal(signal.SIGSTOP)
     try:

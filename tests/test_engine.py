@@ -68,12 +68,20 @@ def assert_exactly_once(engine, results, connections, per_connection):
 
 
 @pytest.mark.slow
-def test_100k_intents_from_8_connections_each_committed_exactly_once(engine):
+def test_100k_intents_from_8_connections_each_committed_exactly_once(engine_factory):
+    engine = engine_factory("--lanes", "4")
     results = load(engine, 8, 12_500)
     assert_exactly_once(engine, results, 8, 12_500)
     ((batches, biggest),) = query(engine.dsn, "SELECT count(*), max(size) FROM batchscheduler.batches")
     assert biggest <= 857
     assert batches >= 100_000 // 857
+    # Every lane wrote batches, and each entity was written by one lane only.
+    assert {lane for (lane,) in query(engine.dsn, "SELECT DISTINCT lane FROM batchscheduler.batches")} == {0, 1, 2, 3}
+    assert query(
+        engine.dsn,
+        "SELECT count(*) FROM (SELECT l.entity FROM batchscheduler.intent_log l "
+        "JOIN batchscheduler.batches b ON b.id = l.batch_id GROUP BY l.entity HAVING count(DISTINCT b.lane) > 1) x",
+    ) == [(0,)]
     # Replaying the committed log from an empty world reproduces the state.
     replay = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "replay"), "--dsn", engine.dsn],
@@ -235,7 +243,8 @@ def test_health_and_metrics_ops(engine):
         health, metrics = json.loads(f.readline()), json.loads(f.readline())
     assert health["is_healthy"] is True and health["breaker"] == "closed"
     assert health["current_batch_size"] == 857
-    assert {w["role"] for w in metrics["workers"]} == {"flusher", "ingest 0"}
+    assert {w["role"] for w in metrics["workers"]} == engine.roles()
+    assert [lane["lane"] for lane in health["lanes"]] == list(range(engine.lanes))
 
 
 def test_asyncio_client_many_in_flight(engine):
@@ -254,7 +263,7 @@ def test_asyncio_client_many_in_flight(engine):
 
 
 def test_workers_are_named_for_ps(engine):
-    assert set(engine.workers()) == {"flusher", "ingest 0"}
+    assert set(engine.workers()) == engine.roles()
     assert "batchscheduler: supervisor" in " ".join(psutil.Process(engine.proc.pid).cmdline())
 
 
@@ -294,11 +303,13 @@ def _ingest_received(eng) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("role", ["flusher", "ingest 0"])
-def test_worker_killed_mid_load_is_restarted_and_nothing_is_lost_or_doubled(engine, role):
+@pytest.mark.parametrize("lanes", [1, 4])
+@pytest.mark.parametrize("role", ["flusher 0", "ingest 0"])
+def test_worker_killed_mid_load_is_restarted_and_nothing_is_lost_or_doubled(engine_factory, role, lanes):
     """SIGKILL the flusher (records stay in the ring; its successor re-writes
     what it had not acknowledged) or the ingest (its clients reconnect and
     resend): every intent ends up stored exactly once, state applied once."""
+    engine = engine_factory("--lanes", str(lanes))
     victim = engine.worker(role)
 
     def kill():
@@ -314,9 +325,9 @@ def test_worker_over_its_rss_limit_is_recycled_and_intents_still_commit(engine_f
     # An idle flusher (numpy, psycopg, the mapped segment) is ~50 MiB, so with
     # a 40 MiB limit the supervisor keeps recycling it -- losing nothing.
     eng = engine_factory("--worker-rss-limit-mb", "40")
-    first = eng.worker("flusher").pid
+    first = eng.worker("flusher 0").pid
     wait_for(lambda: "RSS > worker_rss_limit_mb=40; recycling it" in eng.log(), 15, "RSS recycling")
-    wait_for(lambda: _restarted(eng, "flusher", first), 15, "new flusher")
+    wait_for(lambda: _restarted(eng, "flusher 0", first), 15, "new flusher")
     with Client(eng.socket, client_id="rss", first_seq=1, timeout=60) as client:
         replies = client.submit_many(
             [client.intent("r", "spawn", {})] + [client.intent("r", "say", {"text": str(i)}) for i in range(200)]
@@ -386,6 +397,8 @@ def test_adaptive_batching_shrinks_the_limit_when_latency_exceeds_its_threshold(
     # A 1 ms latency threshold cannot be met (the window alone is 5 ms), so
     # every batch shrinks the limit by the adjustment factor, down to the floor.
     eng = engine_factory(
+        "--lanes",
+        "1",
         "--adaptive-batching",
         "--max-batch-size",
         "200",

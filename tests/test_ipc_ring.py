@@ -128,8 +128,8 @@ WRITER = textwrap.dedent("""
     from ipc.wakeup import Wakeup
     fd, size, n, wake_fd, space_fd = map(int, sys.argv[1:6])
     seg = Segment.attach(fd, size)
-    ctl = Control(seg.buf, SegmentMap(1, 1 << 16, 1 << 16))
-    ring = ctl.intent_rings[0]
+    ctl = Control(seg.buf, SegmentMap(1, 1, 1 << 16, 1 << 16))
+    ring = ctl.intent_rings[0][0]
     ring.resume_producer()
     data, space = Wakeup(wake_fd), Wakeup(space_fd)
     digest = hashlib.sha256()
@@ -155,7 +155,7 @@ def test_two_process_stress_one_million_records_checksum():
     n = 1_000_000
     from ipc.wakeup import Wakeup
 
-    smap = SegmentMap(1, 1 << 16, 1 << 16)
+    smap = SegmentMap(1, 1, 1 << 16, 1 << 16)
     seg = Segment.create(smap.size)
     ctl = Control(seg.buf, smap, create=True)
     data, space = Wakeup(), Wakeup()
@@ -175,7 +175,7 @@ def test_two_process_stress_one_million_records_checksum():
         stdout=subprocess.PIPE,
         text=True,
     )
-    ring = ctl.intent_rings[0]
+    ring = ctl.intent_rings[0][0]
     digest = hashlib.sha256()
     seen = 0
     pos = 0
@@ -206,3 +206,24 @@ def test_two_process_stress_one_million_records_checksum():
         space.close()
     assert proc.returncode == 0
     assert out.strip() == digest.hexdigest()
+
+
+def test_segment_map_gives_every_ingest_lane_pair_its_own_rings():
+    smap = SegmentMap(3, 4, 1 << 16, 1 << 12)
+    seg = Segment.create(smap.size)
+    ctl = Control(seg.buf, smap, create=True)
+    try:
+        regions = sorted(
+            (smap.intent_ring_offset(i, lane), smap.outcome_ring_offset(i, lane)) for i in range(3) for lane in range(4)
+        )
+        flat = [off for pair in regions for off in pair]
+        assert flat == sorted(set(flat)), "two rings share an offset"
+        # Each ring holds its own records: writing one leaves the others empty.
+        with ctl.intent_rings[2][3].claim() as w:
+            assert w.try_append(b"x")
+        assert [ring.published() > 0 for row in ctl.intent_rings for ring in row].count(True) == 1
+        assert [len(ctl.flushers), len(ctl.ingest), len(ctl.workers)] == [4, 3, 7]
+        assert ctl.ingest_slot(0) == 4
+    finally:
+        ctl.close()
+        seg.close()

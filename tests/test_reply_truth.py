@@ -41,7 +41,7 @@ def test_dead_letters_read_before_their_release_are_answered_dead_lettered(engin
     sock.connect(str(engine.socket))
     sock.sendall(b'{"client_id":"truth","seq":0,"entity":"hero","kind":"spawn","args":{"state":{}}}\n')
     assert json.loads(sock.recv(4096))["status"] == "committed"
-    flusher, ingest = engine.worker("flusher"), engine.worker("ingest 0")
+    flusher, ingest = engine.worker("flusher 0"), engine.worker("ingest 0")
     replies: dict[int, dict] = {}
     done = threading.Event()
     threading.Thread(target=_reader, args=(sock, replies, n, done), daemon=True).start()
@@ -115,7 +115,7 @@ def test_drain_answers_the_backlog_busy_at_once_and_commits_the_ring(engine_fact
     replies: dict[int, dict] = {}
     done = threading.Event()
     threading.Thread(target=_reader, args=(sock, replies, n, done), daemon=True).start()
-    flusher = engine.worker("flusher")
+    flusher = engine.worker("flusher 0")
     flusher.send_signal(signal.SIGSTOP)
     try:
         _send_lines(sock, "drain", 1, n)
@@ -161,7 +161,7 @@ def test_ingests_of_a_dead_supervisor_let_their_clients_go_at_once(short_tmp, ds
     assert json.loads(sock.recv(4096))["status"] == "committed"
     workers = engine.workers()
     # Intents in the ring whose release will not come in time.
-    workers["flusher"].send_signal(signal.SIGSTOP)
+    workers["flusher 0"].send_signal(signal.SIGSTOP)
     try:
         _send_lines(sock, "orphan", 2, 50, entity="o")
         wait_for(lambda: _received(engine) >= 51, 10, "intents in the ring")
@@ -172,7 +172,7 @@ def test_ingests_of_a_dead_supervisor_let_their_clients_go_at_once(short_tmp, ds
         while chunk := sock.recv(65536):
             data += chunk
     finally:
-        workers["flusher"].send_signal(signal.SIGCONT)
+        workers["flusher 0"].send_signal(signal.SIGCONT)
     assert data == b"", "replies for intents whose fate the ingest could not know"
     sock.close()
     for w in workers.values():
@@ -202,10 +202,10 @@ def test_a_drain_right_after_a_failed_fast_write_exits_0(engine_factory):
         spawn = '{"client_id":"me","seq":%d,"entity":"hero","kind":"spawn","args":{"state":{"hp":10}}}\n'
         sock.sendall((spawn % 1).encode())
         assert json.loads(reader.readline())["status"] == "committed"
-        old = engine.worker("flusher")
+        old = engine.worker("flusher 0")
         old.kill()
         old.wait(10)
-        wait_for(lambda: (w := engine.workers().get("flusher")) and w.pid != old.pid, 20, "a new flusher")
+        wait_for(lambda: (w := engine.workers().get("flusher 0")) and w.pid != old.pid, 20, "a new flusher")
         sock.sendall((spawn % 2).encode())
         reply = json.loads(reader.readline())
         assert (reply["status"], reply["code"]) == ("dead_lettered", "entity_exists")
