@@ -62,7 +62,9 @@ class Options(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     drain_timeout_s: float = 5.0
 
     # --- endpoints and storage ----------------------------------------------
-    socket: str = "var/engine.sock"
+    socket: str | None = None
+    """The Unix socket; None: ``<data_dir>/engine.sock``, so engines on
+    different data directories never collide."""
     socket_mode: int = 0o600
     data_dir: str = "var"
     dsn: str | None = None
@@ -176,16 +178,21 @@ def _validate(o: Options) -> None:
         "must be >= 32 (an idle worker uses ~35-50 MiB; below that it would be recycled endlessly)",
     )
     _check(0 < o.drain_timeout_s <= 300, "drain_timeout_s", o.drain_timeout_s, "must be > 0 and <= 300 seconds")
-    _check(bool(o.socket), "socket", o.socket, "must be a path")
+    _check(o.socket is None or bool(o.socket), "socket", o.socket, "must be a path")
     _check(
-        len(os.fsencode(os.path.abspath(o.socket))) < 108,
+        len(os.fsencode(os.path.abspath(socket_path(o)))) < 108,
         "socket",
-        o.socket,
+        socket_path(o),
         "absolute path must be shorter than 108 bytes (the Unix socket limit)",
     )
     _check(0 <= o.socket_mode <= 0o777, "socket_mode", o.socket_mode, "must be a file mode like 0o600")
     _check(bool(o.data_dir), "data_dir", o.data_dir, "must be a directory path")
-    _check(o.dsn is None or bool(o.dsn.strip()), "dsn", o.dsn, "must be a libpq connection string")
+    _check(
+        o.dsn is None or bool(o.dsn.strip()),
+        "dsn",
+        o.dsn,
+        "is empty: give a libpq connection string, or leave the option out for the embedded PostgreSQL",
+    )
     _check(":" in o.handlers, "handlers", o.handlers, "must look like 'package.module:attribute'")
     _check(o.log_level.upper() in _LOG_LEVELS, "log_level", o.log_level, f"must be one of {', '.join(_LOG_LEVELS)}")
 
@@ -197,21 +204,33 @@ def to_dict(o: Options) -> dict[str, Any]:
     return msgspec.structs.asdict(o)
 
 
-def from_mapping(values: Mapping[str, Any], *, source: str = "options") -> Options:
-    """Build and validate Options from a mapping (unknown keys are errors)."""
+def from_mapping(
+    values: Mapping[str, Any], *, source: str = "options", origins: Mapping[str, str] | None = None
+) -> Options:
+    """Build and validate Options from a mapping (unknown keys are errors).
+
+    An error names where the offending value came from: ``origins[field]``
+    (e.g. ``flag --time-window-ms``) when given, else ``source``; a field
+    left at its default says ``default``."""
+
+    def origin(field: str) -> str:
+        if origins is not None:
+            return origins.get(field, "default")
+        return source
+
     for key in values:
         if key not in FIELDS:
-            raise ConfigError(key, values[key], f"unknown option (from {source}); known: {', '.join(FIELDS)}")
+            raise ConfigError(key, values[key], f"unknown option (from {origin(key)}); known: {', '.join(FIELDS)}")
     try:
         options = msgspec.convert(dict(values), Options, strict=False)
     except msgspec.ValidationError as exc:
         text = str(exc)
         field = text.rsplit("$.", 1)[-1].strip("`") if "$." in text else "options"
-        raise ConfigError(field, values.get(field), f"{text.split(' - at ')[0]} (from {source})") from None
+        raise ConfigError(field, values.get(field), f"{text.split(' - at ')[0]} (from {origin(field)})") from None
     try:
         _validate(options)
     except ConfigError as exc:
-        raise ConfigError(exc.field, exc.value, f"{str(exc).split(': ', 1)[1]} (from {source})") from None
+        raise ConfigError(exc.field, exc.value, f"{str(exc).split(': ', 1)[1]} (from {origin(exc.field)})") from None
     return options
 
 
@@ -223,7 +242,11 @@ def preset(name: str) -> dict[str, Any]:
 
 
 def load_toml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a TOML file of options (top-level keys, or an [engine] table)."""
+    """Read a TOML file of options: top-level keys, or one ``[engine]`` table.
+
+    Every key is used or is an error: with an ``[engine]`` table, nothing
+    else may stand beside it (a key there would silently lose), and any
+    other table is unknown."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -231,8 +254,23 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError("config", str(path), "file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", str(path), f"not valid TOML: {exc}") from None
-    if "engine" in data and isinstance(data["engine"], dict):
+    if "engine" in data:
+        if not isinstance(data["engine"], dict):
+            raise ConfigError("engine", data["engine"], f"must be a table ([engine]) (from {path})")
+        beside = [k for k in data if k != "engine"]
+        if beside:
+            raise ConfigError(
+                beside[0],
+                data[beside[0]],
+                f"stands beside the [engine] table in {path}; put every option inside [engine] "
+                "(or use top-level keys and no [engine] table)",
+            )
         data = data["engine"]
+    for key, value in data.items():
+        if isinstance(value, dict):
+            raise ConfigError(
+                key, "{…}", f"unknown table [{key}] in {path}; options are keys, known: {', '.join(FIELDS)}"
+            )
     return data
 
 
@@ -267,8 +305,6 @@ def parse_text(field: str, raw: str, *, source: str) -> Any:
             return int(raw, 0)
         if typ in (float, "float"):
             return float(raw)
-        if field == "dsn" and raw == "":
-            return None
         return raw
     except ValueError as exc:
         raise ConfigError(field, raw, f"{exc} (from {source})") from None
@@ -284,24 +320,21 @@ def resolve(
     """Merge defaults < preset < TOML file < environment < flags, validate once."""
     environ = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+
+    def layer(values: Mapping[str, Any], where) -> None:
+        for key, value in values.items():
+            merged[key] = value
+            origins[key] = where(key)
+
     file_values = load_toml(config_file) if config_file else {}
     preset_name = preset_name or file_values.pop("preset", None) or environ.get(ENV_PREFIX + "PRESET")
     if preset_name:
-        merged.update(preset(preset_name))
-    merged.update(file_values)
-    merged.update(from_env(environ))
-    merged.update({k: v for k, v in (flags or {}).items() if v is not None})
-    return from_mapping(merged, source=_sources(config_file, flags))
-
-
-def _sources(config_file: str | None, flags: Mapping[str, Any] | None) -> str:
-    parts = ["defaults"]
-    if config_file:
-        parts.append(config_file)
-    parts.append("environment")
-    if flags:
-        parts.append("flags")
-    return " < ".join(parts)
+        layer(preset(preset_name), lambda _k: f"preset {preset_name}")
+    layer(file_values, lambda _k: f"config file {config_file}")
+    layer(from_env(environ), lambda k: f"environment {ENV_PREFIX}{k.upper()}")
+    layer({k: v for k, v in (flags or {}).items() if v is not None}, lambda k: f"flag --{k.replace('_', '-')}")
+    return from_mapping(merged, origins=origins)
 
 
 def check_runtime(changes: Mapping[str, Any]) -> None:
@@ -317,6 +350,11 @@ def check_runtime(changes: Mapping[str, Any]) -> None:
 
 def data_path(o: Options) -> Path:
     return Path(o.data_dir).resolve()
+
+
+def socket_path(o: Options) -> str:
+    """The socket: ``socket`` when given, else ``<data_dir>/engine.sock``."""
+    return o.socket if o.socket else os.path.join(o.data_dir, "engine.sock")
 
 
 HELP: dict[str, str] = {
@@ -338,7 +376,7 @@ HELP: dict[str, str] = {
     "max_connections": "open connections per ingest process",
     "worker_rss_limit_mb": "a worker above this resident memory is drained and restarted",
     "drain_timeout_s": "how long a stop may take before workers are killed (default 5)",
-    "socket": "Unix socket path clients connect to",
+    "socket": "Unix socket path clients connect to (default: <data_dir>/engine.sock)",
     "socket_mode": "permissions of the socket file (default 0o600: only this user)",
     "data_dir": "directory of the embedded PostgreSQL and default files",
     "dsn": "libpq connection string of an external PostgreSQL >= 14 (default: embedded)",

@@ -109,7 +109,7 @@ class Supervisor:
         self.commit_wakes: list[Wakeup] = []
         self.listener: socket.socket | None = None
         # Absolute, never resolved: a symlink at the path is refused, not followed.
-        self.socket_path = Path(options.socket).absolute()
+        self.socket_path = Path(opts.socket_path(options)).absolute()
         self.workers: list[WorkerHandle] = []
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

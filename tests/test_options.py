@@ -143,3 +143,56 @@ def test_run_engine_help_lists_every_option():
     for name in opts.FIELDS:
         assert "--" + name.replace("_", "-") in out
     assert "BATCHSCHEDULER_" in out and "--config" in out and "--preset" in out
+
+
+@pytest.mark.parametrize(
+    "flags, env, toml, origin",
+    [
+        ({"time_window_ms": -5.0}, {}, None, "(from flag --time-window-ms)"),
+        ({}, {"BATCHSCHEDULER_TIME_WINDOW_MS": "-5"}, None, "(from environment BATCHSCHEDULER_TIME_WINDOW_MS)"),
+        ({}, {}, "time_window_ms = -5\n", "(from config file "),
+        # A cross-field check names the source of the field it reports.
+        ({"max_frame_bytes": 1 << 20}, {"BATCHSCHEDULER_RING_BYTES": "1048576"}, None, "(from flag --max-frame-bytes)"),
+    ],
+)
+def test_an_error_names_the_source_of_the_value(tmp_path, flags, env, toml, origin):
+    config = None
+    if toml is not None:
+        config = tmp_path / "engine.toml"
+        config.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        opts.resolve(config_file=str(config) if config else None, flags=flags, environ=env)
+    assert origin in str(info.value)
+    assert "defaults < environment < flags" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("time_window_ms = 5\n[engine]\nmax_batch_size = 10\n", "stands beside the [engine] table"),
+        ("[engine]\nmax_batch_size = 10\n[extra]\nx = 1\n", "stands beside the [engine] table"),
+        ("[batching]\ntime_window_ms = 5\n", "unknown table [batching]"),
+        ("engine = 5\n", "must be a table"),
+    ],
+)
+def test_toml_content_is_used_or_is_an_error(tmp_path, content, words):
+    config = tmp_path / "engine.toml"
+    config.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        opts.resolve(config_file=str(config), environ={})
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("source", ["flag", "env"])
+def test_an_empty_dsn_is_an_error_not_the_embedded_database(source):
+    with pytest.raises(ConfigError) as info:
+        if source == "flag":
+            parse_options(["--dsn", ""])
+        else:
+            opts.resolve(environ={"BATCHSCHEDULER_DSN": ""})
+    assert info.value.field == "dsn" and "is empty" in str(info.value)
+
+
+def test_the_default_socket_lives_in_the_data_directory():
+    assert opts.socket_path(opts.from_mapping({"data_dir": "/tmp/x"})) == "/tmp/x/engine.sock"
+    assert opts.socket_path(opts.from_mapping({"data_dir": "/tmp/x", "socket": "/tmp/s.sock"})) == "/tmp/s.sock"
