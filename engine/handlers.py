@@ -23,15 +23,25 @@ kind needs the entity to exist, else the intent is dead-lettered with
 ``no_such_entity``. Spawning an existing entity is dead-lettered with
 ``entity_exists``.
 
+Arguments are checked before an intent is stored: a kind declares the
+schema of its ``args`` (a ``msgspec.Struct``, with ``@takes(Schema)``), and
+the ingest rejects an intent whose args do not fit it (``rejected
+invalid``, naming the field; nothing stored). A malformed argument is a
+client error, not a game event. Handlers keep dead letters for refusals
+that depend on state (``no_such_entity``, a handler's own rule).
+
 Users add kinds with ``--handlers package.module:REGISTRY`` where
-``REGISTRY`` is a ``Registry`` (usually ``BUILTIN.extend({...})``).
+``REGISTRY`` is a ``Registry`` (usually ``BUILTIN.extend({...})``); a kind
+without ``@takes`` accepts any args object.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
+
+import msgspec
 
 from engine.errors import ConfigError, HandlerError
 
@@ -85,6 +95,62 @@ class Registry(Mapping[str, Handler]):
     def kinds(self) -> frozenset[str]:
         return frozenset(self._handlers)
 
+    def schemas(self) -> dict[str, type[msgspec.Struct] | None]:
+        """kind -> the Struct its args must fit (None: any object)."""
+        return {kind: getattr(fn, "args_schema", None) for kind, fn in self._handlers.items()}
+
+
+def takes(schema: type[msgspec.Struct]) -> Callable[[Handler], Handler]:
+    """Declare the schema of a kind's ``args``; the ingest enforces it."""
+    if not (isinstance(schema, type) and issubclass(schema, msgspec.Struct)):
+        raise TypeError(f"takes() needs a msgspec.Struct subclass, got {schema!r}")
+
+    def mark(fn: Handler) -> Handler:
+        fn.args_schema = schema  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+# --- the built-in kinds' argument schemas -------------------------------------
+# Integers stay within +-1e9 so sums over a long game never leave int64.
+Amount = Annotated[int, msgspec.Meta(ge=0, le=1_000_000_000)]
+Delta = Annotated[int, msgspec.Meta(ge=-1_000_000_000, le=1_000_000_000)]
+Item = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+class SpawnArgs(msgspec.Struct, forbid_unknown_fields=True):
+    state: dict[str, Any] = {}
+
+
+class MoveArgs(msgspec.Struct, forbid_unknown_fields=True):
+    dx: Delta
+    dy: Delta
+
+
+class SayArgs(msgspec.Struct, forbid_unknown_fields=True):
+    text: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+
+
+class AmountArgs(msgspec.Struct, forbid_unknown_fields=True):
+    amount: Amount
+
+
+class ItemArgs(msgspec.Struct, forbid_unknown_fields=True):
+    item: Item
+
+
+def args_problem(schema: type[msgspec.Struct], args: dict) -> str | None:
+    """Why ``args`` does not fit ``schema`` (None when it does), naming the field."""
+    try:
+        msgspec.convert(args, schema)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        message, _, where = text.partition(" - at ")
+        field = where.strip("`").replace("$", "args", 1) if where else "args"
+        return f"{field}: {message}"
+    return None
+
 
 def _int_arg(args: dict, name: str, *, minimum: int | None = None) -> int:
     value = args.get(name)
@@ -111,6 +177,7 @@ def _str_arg(args: dict, name: str, *, max_length: int) -> str:
 SAY_LOG_BOUND = 20
 
 
+@takes(SpawnArgs)
 def spawn(intent) -> list:
     state = intent.args.get("state", {})
     if not isinstance(state, dict):
@@ -118,31 +185,37 @@ def spawn(intent) -> list:
     return [Spawn(intent.entity, state)]
 
 
+@takes(MoveArgs)
 def move(intent) -> list:
     dx = _int_arg(intent.args, "dx")
     dy = _int_arg(intent.args, "dy")
     return [Op(intent.entity, "pos.x", "incr", dx), Op(intent.entity, "pos.y", "incr", dy)]
 
 
+@takes(SayArgs)
 def say(intent) -> list:
     text = _str_arg(intent.args, "text", max_length=500)
     return [Op(intent.entity, "log", "append", text, bound=SAY_LOG_BOUND)]
 
 
+@takes(AmountArgs)
 def damage(intent) -> list:
     amount = _int_arg(intent.args, "amount", minimum=0)
     return [Op(intent.entity, "hp", "incr", -amount, lo=0)]
 
 
+@takes(AmountArgs)
 def heal(intent) -> list:
     amount = _int_arg(intent.args, "amount", minimum=0)
     return [Op(intent.entity, "hp", "incr", amount, lo=0)]
 
 
+@takes(ItemArgs)
 def pick_up(intent) -> list:
     return [Op(intent.entity, "inv", "append", _str_arg(intent.args, "item", max_length=64))]
 
 
+@takes(ItemArgs)
 def drop(intent) -> list:
     return [Op(intent.entity, "inv", "remove", _str_arg(intent.args, "item", max_length=64))]
 

@@ -30,6 +30,7 @@ import msgspec
 
 from engine import codes, metrics
 from engine import intent as im
+from engine.handlers import args_problem
 from engine.handoff import OutcomeInbox
 from engine.intent import DecodedRecord, Intent, Probe, Reply, Request
 from engine.lanes import lane_of
@@ -157,7 +158,7 @@ class IngestProcess:
         data_wakes: list[Wakeup],
         commit_wake: Wakeup,
         options: Options,
-        kinds: frozenset[str],
+        schemas: dict[str, type[msgspec.Struct] | None],
     ) -> None:
         self.index = index
         self.control = control
@@ -172,7 +173,7 @@ class IngestProcess:
         self.data_wakes = data_wakes
         self.commit_wake = commit_wake
         self.options = options
-        self.kinds = kinds
+        self.schemas = schemas  # kind -> the Struct its args must fit (None: any object)
         self.counters = control.ingest[index]
         self.connections: set[Connection] = set()
         # Per lane, in ring order: (position, conn, client_id, seq) of every
@@ -312,7 +313,7 @@ class IngestProcess:
         open_lanes = [f.get(F.BREAKER) == 1 for f in self.control.flushers]
         recv_ns = time.monotonic_ns()
         recv_us = time.time_ns() // 1000
-        kinds = self.kinds
+        schemas = self.schemas
         backlog = conn.backlog
         accepted = rejected = 0
         for frame in frames:
@@ -327,7 +328,7 @@ class IngestProcess:
                     rejected += 1
                     conn.send(self._rejection(conn, frame, packed, exc))
                 continue
-            if intent.kind not in kinds:
+            if intent.kind not in schemas:
                 rejected += 1
                 conn.send(
                     self.encode_reply(
@@ -337,7 +338,7 @@ class IngestProcess:
                             intent.seq,
                             im.REJECTED,
                             codes.UNKNOWN_KIND,
-                            f"unknown kind {intent.kind!r}; known kinds: {', '.join(sorted(kinds))}",
+                            f"unknown kind {intent.kind!r}; known kinds: {', '.join(sorted(schemas))}",
                         ),
                     )
                 )
@@ -353,6 +354,10 @@ class IngestProcess:
                 # msgpack can carry what JSON cannot: ext types, non-string
                 # keys, lone surrogates. Name the place where we can.
                 bad = im.json_problem(intent.args) or f"args cannot be stored as JSON ({type(exc).__name__}: {exc})"
+            if not bad:
+                schema = schemas[intent.kind]
+                if schema is not None and (wrong := args_problem(schema, intent.args)) is not None:
+                    bad = f"invalid args for {intent.kind}: {wrong}"
             if bad:
                 rejected += 1
                 conn.send(
@@ -579,7 +584,7 @@ def run(
     data_wakes: list[Wakeup],
     commit_wake: Wakeup,
     options: Options,
-    kinds: frozenset[str],
+    schemas: dict[str, type[msgspec.Struct] | None],
 ) -> None:
-    ingest = IngestProcess(index, control, listener, data_wakes, commit_wake, options, kinds)
+    ingest = IngestProcess(index, control, listener, data_wakes, commit_wake, options, schemas)
     asyncio.run(ingest.serve())

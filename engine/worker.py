@@ -115,7 +115,7 @@ def main() -> int:
                 data_wakes,
                 Wakeup(spec.commit_wake_fds[spec.index]),
                 options,
-                registry.kinds(),
+                registry.schemas(),
             )
     finally:
         # Views into the segment held by reference cycles (an exception's

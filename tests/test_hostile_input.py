@@ -1488,6 +1488,8 @@ def documented_reply(payload: bytes, packed: bool) -> Owed:
                     codes.add("invalid")  # JSON cannot hold them (only converted to text)
             if k is not None and not isinstance(k, str):
                 codes.add("invalid")  # JSON keys are strings; a number is not converted
+        if kind in KINDS and not _args_fit(kind, args):
+            codes.add("invalid")  # the kind's argument schema (README, Built-in kinds)
     strings = [x for kv in _walk(value) for x in kv if isinstance(x, str)]
     if any("\ud800" <= c <= "\udfff" for x in strings for c in x):
         # JSON "\ud800" escapes a lone surrogate, which UTF-8 cannot hold
@@ -1496,6 +1498,30 @@ def documented_reply(payload: bytes, packed: bool) -> Owed:
     if codes:
         return Owed(codes=frozenset(codes | maybe), client_id=echo_id, seq=echo_seq)
     return Owed(codes=frozenset(maybe), may_store=True, client_id=client_id, seq=seq)
+
+
+def _args_fit(kind: str, args: dict) -> bool:
+    """The README's built-in kinds table, written out independently of the
+    engine's schemas: exactly these keys, of these types and ranges."""
+
+    def integer(v, lo, hi):
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    def text(v, most):
+        return isinstance(v, str) and 1 <= len(v) <= most
+
+    big = 1_000_000_000
+    rules = {
+        "spawn": {"state": lambda v: isinstance(v, dict)},
+        "move": {"dx": lambda v: integer(v, -big, big), "dy": lambda v: integer(v, -big, big)},
+        "say": {"text": lambda v: text(v, 500)},
+        "damage": {"amount": lambda v: integer(v, 0, big)},
+        "heal": {"amount": lambda v: integer(v, 0, big)},
+        "pick_up": {"item": lambda v: text(v, 64)},
+        "drop": {"item": lambda v: text(v, 64)},
+    }[kind]
+    required = set() if kind == "spawn" else set(rules)
+    return set(args) <= set(rules) and required <= set(args) and all(rules[k](v) for k, v in args.items())
 
 
 def documented_replies(data: bytes) -> tuple[list[Owed], bool]:
