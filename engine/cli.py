@@ -20,8 +20,10 @@ def _flag(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = opts.Options()
+    # The installed entry point (batchscheduler-engine) goes by its own name.
+    invoked = os.path.basename(sys.argv[0] if sys.argv else "")
     parser = argparse.ArgumentParser(
-        prog="tools/run_engine",
+        prog=invoked if invoked.startswith("batchscheduler-") else "tools/run_engine",
         description="Run the BatchScheduler engine in the foreground: embedded PostgreSQL (or --dsn), "
         "supervisor, flusher and ingest processes. Prints the socket path, the DSN and a "
         "'ready' line; SIGTERM or Ctrl-C drains (stop accepting, flush, reply) and exits 0.",
@@ -36,7 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, typ in FIELDS.items():
         default = getattr(defaults, name)
         shown = oct(default) if name == "socket_mode" else default
-        kwargs = {"dest": name, "default": None, "help": f"{HELP.get(name, '')} (default: {shown})"}
+        text = HELP.get(name, "")
+        # Once: not where the help text states its default already ("(default 5)").
+        if "(default" not in text and default is not None:
+            text = f"{text} (default: {shown})"
+        kwargs = {"dest": name, "default": None, "help": text}
         if typ in (bool, "bool"):
             parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **kwargs)
         else:

@@ -1,5 +1,6 @@
 """PNG plots for the load and benchmark tools (matplotlib is optional:
-``pip install '.[plot]'``)."""
+``pip install -c requirements/lock.txt '.[plot]'``; the tools check for it
+before they run, see ``engine.bench.args.require_matplotlib``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("--plot needs matplotlib: pip install '.[plot]'") from None
+        from engine.bench.args import PLOT_HINT
+
+        raise SystemExit(f"--plot needs matplotlib; install the plot extra: {PLOT_HINT}") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -63,18 +66,49 @@ def load_plots(results: list[dict], out_dir: str) -> list[Path]:
         )
     )
     fig, ax = plt.subplots(figsize=(7, 4))
-    for r in results:
-        roles = sorted({role for s in r["samples"] for role in s["procs"]})
-        for role in roles:
-            ax.plot(
-                [s["t"] for s in r["samples"]],
-                [s["procs"].get(role, {}).get("rss_mb", 0) for s in r["samples"]],
-                label=f"{r['variant']}: {role}",
-            )
+    for (variant, role), (ts, rss) in rss_lines(results).items():
+        style = _ROLE_STYLE.get(role.split(" ", 1)[0], "-")
+        label = role if len(results) == 1 else f"{variant}: {role}"
+        values = [float("nan") if v is None else v for v in rss]  # NaN: matplotlib leaves a gap
+        ax.plot(ts, values, style, label=label, marker="." if sum(v is not None for v in rss) < 3 else None)
     paths.append(
-        _save(plt, fig, ax, out / "rss.png", "Resident memory over time", "seconds", "RSS (MiB)", legend_size=7)
+        _save(
+            plt,
+            fig,
+            ax,
+            out / "rss.png",
+            "Resident memory over time, per engine role",
+            "seconds",
+            "RSS (MiB)",
+            legend_size=7,
+        )
     )
     return paths
+
+
+# Line style per kind of role, so lanes and ingests read as families.
+_ROLE_STYLE = {"supervisor": "-", "ingest": "--", "flusher": "-", "postgres": ":"}
+
+
+def rss_lines(results: list[dict]) -> dict[tuple[str, str], tuple[list[float], list[float | None]]]:
+    """One line per (variant, role) -- ``supervisor``, ``ingest 0``,
+    ``flusher 0``, ``flusher 1``, …, ``postgres (all)`` -- over the samples
+    from the role's first appearance to its last; None where it had no
+    process (a worker being restarted is a gap, not a drop to 0)."""
+    from engine.loadgen import role_order
+
+    lines: dict[tuple[str, str], tuple[list[float], list[float | None]]] = {}
+    for r in results:
+        samples = r["samples"]
+        roles = sorted({role for s in samples for role in s["procs"]}, key=role_order)
+        for role in roles:
+            present = [i for i, s in enumerate(samples) if role in s["procs"]]
+            span = samples[present[0] : present[-1] + 1]
+            lines[(r["variant"], role)] = (
+                [s["t"] for s in span],
+                [s["procs"][role]["rss_mb"] if role in s["procs"] else None for s in span],
+            )
+    return lines
 
 
 def sweep_plot(result: dict, out_dir: str) -> Path:

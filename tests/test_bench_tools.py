@@ -64,8 +64,8 @@ def test_tools_are_executable_and_document_their_options():
             assert flag in text, f"{tool.name} --help does not mention {flag}"
 
 
-def test_bench_db_prints_the_seed_table_and_writes_json(dsn, tmp_path):
-    out = tmp_path / "db.json"
+def test_bench_db_prints_the_seed_table_and_writes_json(dsn, short_tmp):
+    out = short_tmp / "db.json"
     stdout = ok(
         run_tool(
             BENCH_DB,
@@ -107,10 +107,10 @@ def test_bench_db_prints_the_seed_table_and_writes_json(dsn, tmp_path):
     )
 
 
-def test_bench_db_embedded_server_is_stopped_and_removed(tmp_path):
+def test_bench_db_embedded_server_is_stopped_and_removed(short_tmp):
     pattern = os.path.join(tempfile.gettempdir(), "bs-bench-db-*")
     before = set(glob.glob(pattern))
-    out = tmp_path / "db.json"
+    out = short_tmp / "db.json"
     stdout = ok(
         run_tool(
             BENCH_DB,
@@ -138,8 +138,8 @@ def test_bench_db_rejects_nonsense_sizes():
     assert proc.returncode == 2 and "--rows" in proc.stderr
 
 
-def test_bench_ipc_prints_the_handoff_table_and_writes_json(tmp_path):
-    out = tmp_path / "ipc.json"
+def test_bench_ipc_prints_the_handoff_table_and_writes_json(short_tmp):
+    out = short_tmp / "ipc.json"
     stdout = ok(
         run_tool(
             BENCH_IPC, "--records", "5000", "--repeat", "1", "--ring-bytes", "4096", "--chunk", "64", "--json", str(out)

@@ -63,7 +63,9 @@ from typing import TextIO
 import msgspec
 import psycopg
 
+from engine.bench import args as cli_args
 from engine.bench import report
+from engine.errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -480,6 +482,51 @@ def run_benchmark(
     }
 
 
+def run_writers_benchmark(
+    dsn: str, *, writers: Sequence[int], batches: int, batch_size: int, entities: int, embedded: bool = False
+) -> dict:
+    """The ``--writers`` document: the flusher-shaped write on K connections."""
+    from engine.bench.writers import run_writers
+
+    with psycopg.connect(dsn, autocommit=True, application_name="bench_db") as conn:
+        server = server_info(conn)
+    server["embedded"] = embedded
+    rows = run_writers(dsn, writers, batches=batches, batch_size=batch_size, entities=entities)
+    return {
+        "tool": "bench_db --writers",
+        "machine": report.machine(server["version"]),
+        "server": server,
+        "params": {"writers": list(writers), "batches": batches, "batch_size": batch_size, "entities": entities},
+        "results": rows,
+    }
+
+
+def render_writers(doc: dict) -> str:
+    s, p = doc["server"], doc["params"]
+    lines = [
+        report.machine_line(doc["machine"]),
+        f"server: PostgreSQL {s['version']} ({'embedded, temp dir' if s['embedded'] else 'external --dsn'}), "
+        f"fsync={s['fsync']} synchronous_commit={s['synchronous_commit']}",
+        f"bench_db --writers: each writer {p['batches']} transactions of {p['batch_size']} intents "
+        "(log INSERT…unnest + full-state UPDATE…FROM unnest), disjoint entities, all writers at once",
+        "",
+        report.table(
+            ("writers", "intents", "seconds", "intents/s", "ratio vs first"),
+            [
+                (
+                    r["writers"],
+                    r["intents"],
+                    f"{r['seconds']:.2f}",
+                    report.fmt_rate(r["intents_per_s"]),
+                    report.fmt_ratio(r["ratio_to_first"]),
+                )
+                for r in doc["results"]
+            ],
+        ),
+    ]
+    return "\n".join(lines)
+
+
 HEADERS = ("operation", "rows", "ops/s", "µs/op", "seed ops/s", "ratio vs INSERT")
 
 
@@ -518,9 +565,9 @@ def render(doc: dict) -> str:
 
 
 # ---------------------------------------------------------------------- CLI
-def build_parser(prog: str = "bench_db") -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog,
+        prog=prog or cli_args.prog("bench_db"),
         description="Reproduce the seed's 'Measured Performance Results' table against PostgreSQL "
         "(fsync and synchronous_commit on), next to the set-based batch paths the engine "
         "can use. Starts an embedded PostgreSQL in a temporary directory (removed "
@@ -529,11 +576,13 @@ def build_parser(prog: str = "bench_db") -> argparse.ArgumentParser:
         "machine line and a table; --json also writes the figures as JSON.",
         epilog="Operations: "
         + "; ".join(f"{op.key} = {op.label}" for op in OPERATIONS)
-        + ". The ratio column is ops/s divided by insert_per_tx's ops/s.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        + ". The ratio column is ops/s divided by insert_per_tx's ops/s. Exit 0 when the run "
+        "completed; 2 on bad arguments or when it could not run (no database, a lost connection).",
+        formatter_class=cli_args.HelpFormatter,
     )
     p.add_argument(
         "--dsn",
+        type=cli_args.dsn,
         help="libpq connection string of an external PostgreSQL ≥ 14 (default: start an embedded one in a temp dir)",
     )
     p.add_argument(
@@ -560,9 +609,39 @@ def build_parser(prog: str = "bench_db") -> argparse.ArgumentParser:
     p.add_argument(
         "--only", type=_op_list, metavar="OP[,OP…]", help="run only these operations (comma-separated keys, see below)"
     )
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument(
+        "--writers",
+        type=_writer_list,
+        metavar="K[,K…]",
+        help="instead of the seed's table: the flusher-shaped write (log INSERT…unnest + full-state "
+        "UPDATE…FROM unnest, one transaction per --batch-size intents) on K connections at once over "
+        "disjoint entities, for each K in the list, in one run (uses --batches per writer and --entities)",
+    )
+    p.add_argument(
+        "--json", metavar="FILE", type=cli_args.output_file, help="also write the results as JSON to FILE ('-': stdout)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Combinations no single argument type can see; refused before any work."""
+    ops = [BY_KEY[k] for k in args.only] if args.only else OPERATIONS
+    if not args.writers and any(op.kind == "update" and op.bulk for op in ops) and args.entities < args.batch_size:
+        p.error(
+            f"argument --entities: must be at least --batch-size ({args.batch_size}), got {args.entities}: "
+            "UPDATE … FROM applies one row per entity per batch (or pick operations with --only)"
+        )
+
+
+def _writer_list(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        ks = []
+    if not ks or any(k < 1 or k > 64 for k in ks):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of writer counts 1-64, got {text!r}")
+    return ks
 
 
 def _op_list(text: str) -> list[str]:
@@ -612,7 +691,9 @@ def _remove_tree(path: Path) -> None:
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     """The whole tool: parse, start or reach PostgreSQL, run, print, write JSON."""
     out = out or sys.stdout
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     # SIGTERM unwinds like Ctrl-C, so the embedded server is stopped and its
@@ -621,9 +702,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     params = dict(
         rows=args.rows, batches=args.batches, batch_size=args.batch_size, entities=args.entities, only=args.only
     )
+    run = run_benchmark
+    if args.writers:
+        params = dict(writers=args.writers, batches=args.batches, batch_size=args.batch_size, entities=args.entities)
+        run = run_writers_benchmark
     try:
         if args.dsn:
-            doc = run_benchmark(args.dsn, **params)
+            doc = run(args.dsn, **params)
         else:
             from persistence.embedded import EmbeddedPostgres
 
@@ -634,14 +719,18 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                 # Not ``with``: stop() must run even if start() is cut short.
                 with _signals_deferred():
                     pg.start()
-                doc = run_benchmark(pg.dsn, embedded=True, **params)
+                doc = run(pg.dsn, embedded=True, **params)
             finally:
                 pg.stop()
                 _remove_tree(base)
     except KeyboardInterrupt:
         log.warning("interrupted; scratch schema dropped, embedded server stopped")
         return 130
-    out.write(render(doc) + "\n")
+    except (psycopg.OperationalError, StartupError) as exc:
+        where = f"the server of --dsn {args.dsn!r}" if args.dsn else "the embedded PostgreSQL"
+        print(f"{parser.prog}: could not run against {where}: {str(exc).strip()}", file=sys.stderr)
+        return 2
+    out.write((render_writers(doc) if args.writers else render(doc)) + "\n")
     if args.json:
         report.write_json(args.json, doc)
     return 0

@@ -58,6 +58,7 @@ from typing import Any, TextIO
 
 import msgspec
 
+from engine.bench import args as cli_args
 from engine.bench import report
 from engine.intent import DecodedRecord
 from engine.options import Options
@@ -625,17 +626,20 @@ def render(doc: dict) -> str:
 
 
 # --------------------------------------------------------------------- CLI
-def build_parser(prog: str = "bench_ipc") -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog,
+        prog=prog or cli_args.prog("bench_ipc"),
         description="Measure the hand-off rate of intents from one writer process to a reader: the "
         "engine's shared-memory ring (ipc.ring.Ring, eventfd wake-ups, one msgspec decode per "
         "run) versus multiprocessing.Queue (per record, and lists per put) and faster-fifo if "
         "it is importable. Same records, same run, interleaved rounds; prints a machine line "
         "and a table (median intents/s and the ratio to multiprocessing.Queue); --json also "
         "writes the figures as JSON. Nothing busy-waits; no process or shared memory is left.",
-        epilog="Variants: " + "; ".join(f"{v.key} = {v.label}" for v in VARIANTS) + ".",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Variants: "
+        + "; ".join(f"{v.key} = {v.label}" for v in VARIANTS)
+        + ". Exit 0 when every round completed; 1 when a round failed (a writer died, a round timed out); "
+        "2 on bad arguments.",
+        formatter_class=cli_args.HelpFormatter,
     )
     p.add_argument(
         "-n",
@@ -664,7 +668,8 @@ def build_parser(prog: str = "bench_ipc") -> argparse.ArgumentParser:
         "--ring-bytes",
         type=_power_of_two,
         default=DEFAULT_RING_BYTES,
-        help="ring capacity in bytes (a power of two; the engine's default)",
+        help=f"ring capacity in bytes, a power of two from {layout.MIN_CAPACITY} to {layout.MAX_CAPACITY} "
+        "(default: the engine's, %(default)s)",
     )
     p.add_argument(
         "--only",
@@ -674,17 +679,22 @@ def build_parser(prog: str = "bench_ipc") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=cli_args.positive_float,
         default=DEFAULT_TIMEOUT_S,
         help="seconds one round may take before it is aborted as an error",
     )
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    p.add_argument(
+        "--json", metavar="FILE", type=cli_args.output_file, help="also write the results as JSON to FILE ('-': stdout)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
 
 def _power_of_two(text: str) -> int:
-    value = int(text, 0)
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer number of bytes, got {text!r}") from None
     try:
         layout.check_capacity(value)
     except ValueError as exc:
@@ -721,6 +731,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted; writers reaped, nothing measured")
         return 130
+    except (RuntimeError, OSError) as exc:
+        print(f"{cli_args.prog('bench_ipc')}: a round failed, nothing reported: {exc}", file=sys.stderr)
+        return 1
     out.write(render(doc) + "\n")
     if args.json:
         report.write_json(args.json, doc)
