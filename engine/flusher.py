@@ -453,7 +453,8 @@ class FlusherProcess:
         c = self.counters
         dead = sum(1 for o in result.outcomes.values() if o[0] == DEAD_LETTERED and not o[3])
         dups = sum(1 for o in result.outcomes.values() if o[3])
-        c.add(F.BATCHES, 1)
+        if result.new:  # a batch of resends only stored nothing: no batch (README, Tables)
+            c.add(F.BATCHES, 1)
         c.add(F.INTENTS, size)
         c.add(F.COMMITTED, result.new - dead)
         c.add(F.DEAD_LETTERED, dead)

@@ -239,29 +239,49 @@ class EmbeddedPostgres:
         return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
     def _prepare_for_user(self, binaries: Path) -> None:
+        """Under root: the system user exists, and it can reach the binaries
+        and the data directory. Each change is logged once, at WARNING, with
+        the path and the reason; nothing is loosened beyond what that user
+        needs (search on the parents, read on the wheel's lib and share)."""
         assert self._user is not None
         try:
             pwd.getpwnam(self._user)
         except KeyError:
+            log.warning(
+                "running as root: creating the system user %s (useradd --system): PostgreSQL refuses to run as root",
+                self._user,
+            )
             subprocess.run(
                 ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", self._user],
                 check=True,
                 capture_output=True,
             )
-        # The unprivileged user must be able to reach the binaries and the
-        # data directory: add search (x) permission, nothing more, to each
-        # parent directory that lacks it.
         for target in (binaries, self.pgdata):
             for parent in list(target.parents)[::-1]:
-                mode = parent.stat().st_mode
-                if not mode & 0o001:
-                    os.chmod(parent, mode | 0o001)
+                self._grant(parent, 0o001, f"so {self._user} can reach {target}")
         for path in (binaries.parent / "lib", binaries.parent / "share"):
             if path.exists():
-                mode = path.stat().st_mode
-                os.chmod(path, mode | 0o005)
+                self._grant(path, 0o005, f"so {self._user} can load PostgreSQL's libraries and data files")
         shutil.chown(self.pgdata, self._user, self._user)
         self.pgdata.chmod(0o700)
+
+    @staticmethod
+    def _grant(path: Path, bits: int, why: str) -> None:
+        """Add the "other" permission ``bits`` to ``path`` if it lacks any,
+        saying so; never anything else."""
+        mode = path.stat().st_mode
+        if mode & bits == bits:
+            return
+        new = mode | bits
+        log.warning(
+            "running as root: %s %s (mode %03o -> %03o) %s",
+            "adding o+x to" if bits == 0o001 else "adding o+rx to",
+            path,
+            mode & 0o777,
+            new & 0o777,
+            why,
+        )
+        os.chmod(path, new)
 
     def _initdb(self, binaries: Path) -> None:
         log.info("initialising PostgreSQL data directory %s", self.pgdata)

@@ -100,6 +100,13 @@ WHERE batch_id = currval('{S}.batches_id_seq') AND batch_ord = ANY(%(ords)s::int
 # the flusher's back (see engine.pipeline.UPDATE_ENTITIES).
 STALE_CACHE = "BS001"
 
+# The batch row counts what the batch stored (README, Tables): resends are
+# answered from earlier batches and are not counted in size; a batch of
+# resends only keeps no row.
+TRIM_BATCH = f"""UPDATE {S}.batches SET size = %(stored)s, resends = %(resends)s
+WHERE id = currval('{S}.batches_id_seq')"""
+DROP_BATCH = f"DELETE FROM {S}.batches WHERE id = currval('{S}.batches_id_seq')"
+
 NOTIFY = "SELECT pg_notify('batchscheduler_batches', currval('batchscheduler.batches_id_seq')::text)"
 
 
@@ -231,13 +238,14 @@ class BatchWriter:
         head = {"size": size, "reason": reason, "first": first_received, "cut": cut_at, "lane": self.lane}
         cb, cl = conn.cursor(), conn.cursor()
         if planner is None:
+            # Only resends bring a log-only batch here (write_fast took the
+            # rest): the fetch costs this slow path a second round trip.
             with conn.pipeline(), conn.transaction():
                 cb.execute(INSERT_BATCH, head, prepare=True)
                 cl.execute(INSERT_LOG, {"batch": batch, "ord0": 0}, prepare=True)
-                if self.notify:
-                    conn.execute(NOTIFY)
-            batch_id = _scalar(cb)
-            new = [r[0] for r in cl.fetchall()]
+                batch_id = _scalar(cb)
+                new = [r[0] for r in cl.fetchall()]
+                self._count_stored(size, len(new))
             return self._finish(batch, size, batch_id, new, Plan())
         cs = conn.cursor()
         read_sql, read_params = planner.read_query()
@@ -254,8 +262,7 @@ class BatchWriter:
             for sql, params in plan.statements:
                 conn.execute(sql, params, prepare=True)
             self._mark_dead(plan.dead)
-            if self.notify:
-                conn.execute(NOTIFY)
+            self._count_stored(size, len(new))
         planner.committed()
         return self._finish(batch, size, batch_id, new, plan)
 
@@ -327,8 +334,7 @@ class BatchWriter:
                     else:
                         outcomes_dead.pop(ord_, None)
             self._mark_dead(outcomes_dead)
-            if self.notify:
-                conn.execute(NOTIFY)
+            self._count_stored(len(records), len(new))
         if planner is not None:
             planner.invalidate()  # states were changed one intent at a time
         return self._finish(
@@ -336,6 +342,17 @@ class BatchWriter:
         )
 
     # ------------------------------------------------------------------ private
+    def _count_stored(self, size: int, stored: int) -> None:
+        """Make the batch row say what this batch stored, then announce it
+        (a batch that stored nothing has no row and no NOTIFY)."""
+        if stored == 0:
+            self.conn.execute(DROP_BATCH)
+            return
+        if stored < size:
+            self.conn.execute(TRIM_BATCH, {"stored": stored, "resends": size - stored})
+        if self.notify:
+            self.conn.execute(NOTIFY)
+
     def _mark_dead(self, dead: dict[int, tuple[str, str]]) -> None:
         if not dead:
             return

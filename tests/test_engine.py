@@ -496,3 +496,25 @@ def test_supervisor_killed_with_sigkill_leaves_nothing_running_and_restarts_clea
         assert client.submit(client.intent("phoenix", "spawn", {})).status == COMMITTED
     assert again.stop() == 0
     assert not again.socket.exists()
+
+
+def test_batches_count_what_they_stored_and_a_resend_only_batch_keeps_no_row(engine):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(engine.socket))
+        f = s.makefile("rb")
+
+        def send(*lines: bytes) -> list[dict]:
+            s.sendall(b"".join(lines))
+            return [json.loads(f.readline()) for _ in lines]
+
+        spawn = b'{"client_id":"b","seq":1,"entity":"bk","kind":"spawn","args":{"state":{}}}\n'
+        assert send(spawn)[0]["status"] == "committed"
+        assert send(spawn)[0].get("duplicate") is True  # alone in its batch
+        say = b'{"client_id":"b","seq":2,"entity":"bk","kind":"say","args":{"text":"hi"}}\n'
+        assert {r["seq"]: r["status"] for r in send(spawn, say)} == {1: "committed", 2: "committed"}
+    rows = query(engine.dsn, "SELECT size, resends FROM batchscheduler.batches ORDER BY id")
+    logged = query(engine.dsn, "SELECT count(*), count(DISTINCT batch_id) FROM batchscheduler.intent_log")
+    assert logged == [(2, len(rows))], "every batch row has intent_log rows"
+    assert sum(size for size, _ in rows) == 2
+    assert (1, 1) in rows or rows == [(1, 0), (1, 0)]  # the last two lines may share a batch or not
