@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import os
 import socket
-import struct
 import time
 import uuid
 from collections.abc import Iterable
@@ -30,8 +30,9 @@ import msgspec
 
 from engine.errors import ClientError
 from engine.intent import BUSY, Intent, Reply
+from engine.policy import Backoff
+from ipc import wire
 
-_LENGTH = struct.Struct(">I")
 # Reconnect: first retry after 50 ms, doubling to 2 s, for up to 30 s in all
 # (long enough to ride out an ingest restart or an engine restart).
 RECONNECT_INITIAL_S = 0.05
@@ -40,53 +41,52 @@ RECONNECT_GIVE_UP_S = 30.0
 BUSY_RETRY_S = 0.05
 
 
+def _reconnect_backoff() -> Backoff:
+    # Never reset by time: one connect attempt's delays only grow until RECONNECT_GIVE_UP_S.
+    return Backoff(initial=RECONNECT_INITIAL_S, maximum=RECONNECT_MAX_S, stable_s=math.inf)
+
+
 def _new_client_id() -> str:
     return f"client-{uuid.uuid4().hex[:16]}"
 
 
 class _Codec:
-    """Framing and encoding shared by both clients."""
+    """Encoding shared by both clients; the framing is ``ipc.wire``'s."""
 
     def __init__(self, framing: str) -> None:
-        if framing not in ("msgpack", "json"):
-            raise ValueError(f"framing must be 'msgpack' or 'json', got {framing!r}")
-        self.framing = framing
-        self._pack = msgspec.msgpack.Encoder()
-        self._json = msgspec.json.Encoder()
-        self._unpack = msgspec.msgpack.Decoder(Reply)
-        self._unjson = msgspec.json.Decoder(Reply)
-        self._buf = bytearray()
+        self.framing = wire.check_mode(framing)
+        packed = framing == wire.MODE_MSGPACK
+        self._encode = (msgspec.msgpack.Encoder() if packed else msgspec.json.Encoder()).encode
+        self._replies = wire.ReplyReader(
+            framing, msgspec.msgpack.Decoder(Reply).decode, msgspec.json.Decoder(Reply).decode
+        )
 
     def frame(self, intent: Intent) -> bytes:
-        if self.framing == "msgpack":
-            payload = self._pack.encode(intent)
-            return _LENGTH.pack(len(payload)) + payload
-        return self._json.encode(intent) + b"\n"
+        return wire.frame(self.framing, self._encode(intent))
 
     def feed(self, data: bytes) -> list[Reply]:
-        buf = self._buf
-        buf += data
-        out: list[Reply] = []
-        pos = 0
-        if self.framing == "msgpack":
-            while len(buf) - pos >= 4:
-                (n,) = _LENGTH.unpack_from(buf, pos)
-                if len(buf) - pos - 4 < n:
-                    break
-                out.append(self._unpack.decode(memoryview(buf)[pos + 4 : pos + 4 + n]))
-                pos += 4 + n
-        else:
-            while True:
-                nl = buf.find(b"\n", pos)
-                if nl < 0:
-                    break
-                out.append(self._unjson.decode(bytes(buf[pos:nl])))
-                pos = nl + 1
-        del buf[:pos]
-        return out
+        return self._replies.feed(data)
 
     def reset(self) -> None:
-        self._buf.clear()
+        self._replies.clear()
+
+
+def control(path: str | os.PathLike, op: str, *, timeout: float = 5.0) -> dict:
+    """The engine's answer to one control message (``{"op": op}``, one of
+    ``engine.intent.CONTROL_OPS``) on a connection of its own. Raises OSError
+    when the socket cannot be reached or times out, ClientError when the
+    engine closes without answering."""
+    replies = wire.ReplyReader(wire.MODE_JSON, msgspec.msgpack.decode, msgspec.json.decode)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(os.fspath(path))
+        sock.sendall(wire.frame_json(msgspec.json.encode({"op": op})))
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                raise ClientError(f"{os.fspath(path)} closed without answering {op!r}")
+            for reply in replies.feed(data):
+                return reply
 
 
 class _Seqs:
@@ -129,7 +129,7 @@ class Client:
 
     def connect(self) -> Client:
         deadline = time.monotonic() + RECONNECT_GIVE_UP_S
-        delay = RECONNECT_INITIAL_S
+        backoff = _reconnect_backoff()
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -140,10 +140,10 @@ class Client:
                 return self
             except OSError as exc:
                 sock.close()
+                delay = backoff.next_delay()
                 if time.monotonic() + delay > deadline:
                     raise ClientError(f"cannot connect to {self.path}: {exc}") from None
                 time.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_S)
 
     def close(self) -> None:
         if self._sock is not None:
@@ -267,16 +267,16 @@ class AsyncClient:
 
     async def _open(self) -> None:
         deadline = time.monotonic() + RECONNECT_GIVE_UP_S
-        delay = RECONNECT_INITIAL_S
+        backoff = _reconnect_backoff()
         while True:
             try:
                 reader, writer = await asyncio.open_unix_connection(self.path, limit=1 << 20)
                 break
             except OSError as exc:
+                delay = backoff.next_delay()
                 if time.monotonic() + delay > deadline:
                     raise ClientError(f"cannot connect to {self.path}: {exc}") from None
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_S)
         self._reader, self._writer = reader, writer
         self._codec.reset()
         self._connected.set()

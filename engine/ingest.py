@@ -547,7 +547,7 @@ class IngestProcess:
             if conn.reader.mode == wire.MODE_MSGPACK:
                 conn.out.append(wire.frame_msgpack(encode_pack(reply)))
             else:
-                conn.out.append(encode_json(reply) + b"\n")
+                conn.out.append(wire.frame_json(encode_json(reply)))
             conn.in_flight -= 1
             touched.add(conn)
         inbox.forget_below(released)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
@@ -45,13 +45,14 @@ class Intent(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     args: dict[str, Any] = {}
 
 
-CONTROL_OPS = ("health", "metrics", "ping")
+ControlOp = Literal["health", "metrics", "ping"]
+CONTROL_OPS: tuple[str, ...] = get_args(ControlOp)
 
 
 class Request(msgspec.Struct, forbid_unknown_fields=True):
     """A control message on the intent socket: ``{"op": "health"}``."""
 
-    op: Literal["health", "metrics", "ping"]  # CONTROL_OPS
+    op: ControlOp
 
 
 class ControlProbe(msgspec.Struct, forbid_unknown_fields=True):

@@ -18,6 +18,13 @@ from typing import Any
 import msgspec
 
 from engine.errors import ConfigError, NotRuntimeConfigurable
+from ipc.control import MAX_INGESTS, MAX_LANES
+from ipc.layout import MAX_CAPACITY
+
+# The engine's smallest ring: room for a few frames of the largest default
+# size (max_frame_bytes, 64 KiB). The layout itself accepts smaller rings
+# (ipc.layout.MIN_CAPACITY), which the ring's own tests use to force wraps.
+MIN_RING_BYTES = 1 << 16
 
 ENV_PREFIX = "BATCHSCHEDULER_"
 
@@ -147,13 +154,13 @@ def _validate(o: Options) -> None:
         o.breaker_half_open_test_count,
         "must be >= 1",
     )
-    _check(1 <= o.ingests <= 64, "ingests", o.ingests, "must be between 1 and 64")
-    _check(1 <= o.lanes <= 64, "lanes", o.lanes, "must be between 1 and 64")
+    _check(1 <= o.ingests <= MAX_INGESTS, "ingests", o.ingests, f"must be between 1 and {MAX_INGESTS}")
+    _check(1 <= o.lanes <= MAX_LANES, "lanes", o.lanes, f"must be between 1 and {MAX_LANES}")
     _check(
-        o.ring_bytes >= 1 << 16 and o.ring_bytes <= 1 << 30 and not o.ring_bytes & (o.ring_bytes - 1),
+        MIN_RING_BYTES <= o.ring_bytes <= MAX_CAPACITY and not o.ring_bytes & (o.ring_bytes - 1),
         "ring_bytes",
         o.ring_bytes,
-        "must be a power of two between 65536 and 1073741824",
+        f"must be a power of two between {MIN_RING_BYTES} and {MAX_CAPACITY}",
     )
     _check(
         256 <= o.max_frame_bytes <= 16 << 20, "max_frame_bytes", o.max_frame_bytes, "must be between 256 and 16777216"

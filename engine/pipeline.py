@@ -3,17 +3,21 @@
 Per batch (inside the batch's transaction, see ``persistence.writer``):
 
 1. Decode the whole batch in one msgspec call (``list[DecodedRecord]``).
-2. Read the current state of every entity the batch touches, in the same
-   round trip as the intent-log insert.
+2. Know the current state of every entity the batch touches: from the
+   flusher's entity cache (``plan_optimistic``, no read at all), or else read
+   in the same round trip as the intent-log insert (``SELECT_ENTITIES``).
 3. For the intents that are new (not resends), in batch order: run the
    handler (pure), check existence (``spawn`` needs absence, everything else
    presence), and apply its ops to the batch's working copy of the entity.
    A handler that raises, or an existence check that fails, dead-letters that
    intent only.
 4. Write each touched entity once, set-based: one ``INSERT … SELECT FROM
-   jsonb_array_elements`` for spawned entities and one ``UPDATE … FROM
-   jsonb_array_elements`` for the rest (``UPDATE … FROM`` joins one row per
-   target, which is why intents on the same entity are combined first).
+   jsonb_array_elements`` for spawned entities, and one ``UPDATE`` for the
+   rest that gets every entity's new state as ONE jsonb object keyed by id
+   (``UPDATE_ENTITIES``; intents on the same entity are combined first, so
+   each entity is one key). Each row's version must still be the one its new
+   state was computed from: ``expect_rows`` raises ``STALE_CACHE`` when fewer
+   rows matched, so a cached state that went stale is never written over.
 
 Why apply in Python rather than as ``jsonb_set`` chains in SQL: the ops are
 applied to state read in the same round trip, so reduction ends at the final
@@ -41,9 +45,8 @@ import msgspec
 from engine import codes
 from engine.handlers import Op, Registry, Spawn
 from engine.intent import DecodedRecord, clip_reason
+from persistence.migrations import SCHEMA as S
 from persistence.writer import Plan
-
-S = "batchscheduler"
 
 # The id list goes in as ONE jsonb parameter; ``= ANY(ARRAY(subquery))``
 # becomes an init-plan array, so the primary-key index is used (a join

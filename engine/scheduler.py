@@ -36,6 +36,7 @@ from engine.client import Client
 from engine.errors import EngineError
 from engine.intent import COMMITTED, Batch, Intent
 from engine.supervisor import Supervisor
+from persistence.migrations import SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,9 @@ class EventBus:
         return bool(self._subscribers.get(event))
 
 
-BATCH_INTENTS = """SELECT client_id, seq, entity, kind, args::text FROM batchscheduler.intent_log
+BATCH_INTENTS = f"""SELECT client_id, seq, entity, kind, args::text FROM {SCHEMA}.intent_log
 WHERE batch_id = %s AND status = 'committed' ORDER BY batch_ord"""
-BATCH_ROW = "SELECT size, cut_reason FROM batchscheduler.batches WHERE id = %s"
+BATCH_ROW = f"SELECT size, cut_reason FROM {SCHEMA}.batches WHERE id = %s"
 
 
 class BatchScheduler:

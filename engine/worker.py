@@ -13,7 +13,6 @@ runs its role and exits 0 after a clean drain.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -22,8 +21,9 @@ import sys
 
 import msgspec
 
+from ipc.lifetime import signal_on_parent_death
+
 WORKER_SPEC_ENV = "BATCHSCHEDULER_WORKER_SPEC"
-PR_SET_PDEATHSIG = 1
 
 
 class WorkerSpec(msgspec.Struct):
@@ -44,16 +44,6 @@ def title(role: str, index: int) -> str:
     return f"batchscheduler: {role} {index}"
 
 
-def _die_with_parent(parent: int) -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # pragma: no cover - non-Linux
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def main() -> int:
     spec = msgspec.json.decode(os.environ.pop(WORKER_SPEC_ENV), type=WorkerSpec)
     from setproctitle import setproctitle
@@ -68,7 +58,7 @@ def main() -> int:
         stream=sys.stderr,
         format=f"%(asctime)s {name} [%(levelname)s] %(name)s: %(message)s",
     )
-    _die_with_parent(spec.supervisor_pid)
+    signal_on_parent_death(signal.SIGTERM, spec.supervisor_pid)
 
     import gc
 

@@ -58,8 +58,11 @@ RECORD_HEADER_BYTES = RECV_NS_OFFSET + 8
 TYPE_DATA = 1
 TYPE_PAD = 2
 
-# 64 KiB is the smallest ring worth having (a few frames); 1 GiB is far past
-# any sane memory bound and keeps positions well inside int64 for centuries.
+# 4 KiB (one page) is the smallest ring the layout accepts: room for a few
+# small records, and small enough that tests wrap it often (the engine asks
+# for at least 64 KiB, a few of its largest frames: its ring_bytes option).
+# 1 GiB is far past any sane memory bound and keeps positions well inside
+# int64 for centuries.
 MIN_CAPACITY = 1 << 12
 MAX_CAPACITY = 1 << 30
 

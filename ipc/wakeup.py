@@ -1,7 +1,7 @@
 """Kernel wake-ups between processes: an eventfd, never a spin.
 
 ``signal()`` adds 1 to the counter (one ``write`` syscall); ``wait``
-blocks in ``poll`` until the counter is non-zero or the timeout passes, then
+blocks in ``select`` until the counter is non-zero or the timeout passes, then
 drains it. Many signals before a wait collapse into one wake-up, which is
 what a batching consumer wants. The descriptor is non-blocking so a signal
 can never block its sender, and can be registered with an asyncio loop.

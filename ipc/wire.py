@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Generic, NamedTuple, TypeVar
 
 MODE_MSGPACK = "msgpack"
 MODE_JSON = "json"
 
 _LENGTH = struct.Struct(">I")
 _JSON_START = frozenset(b"{ \t\r\n")
+T = TypeVar("T")
 
 
 class FrameError:
@@ -157,6 +159,81 @@ def frame_msgpack(payload: bytes) -> bytes:
 def frame_json(payload: bytes) -> bytes:
     """Terminate a JSON payload with a newline."""
     return payload + b"\n"
+
+
+def frame(mode: str, payload: bytes) -> bytes:
+    """``payload`` framed for a connection in ``mode`` (``MODE_MSGPACK`` or ``MODE_JSON``)."""
+    return frame_msgpack(payload) if mode == MODE_MSGPACK else frame_json(payload)
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` itself; ValueError unless it names one of the two framings."""
+    if mode not in (MODE_MSGPACK, MODE_JSON):
+        raise ValueError(f"framing must be {MODE_MSGPACK!r} or {MODE_JSON!r}, got {mode!r}")
+    return mode
+
+
+class ReplyReader(Generic[T]):
+    """Client side of the framing: splits the engine's replies out of the
+    byte stream and decodes each with ``decode_msgpack`` or ``decode_json``.
+
+    The engine answers in the connection's framing, with one exception: a
+    connection it refuses at accept time (``unavailable``) gets one JSON line
+    before the client has spoken. A MessagePack frame always starts with
+    ``0x00`` (lengths stay far below 16 MiB), so on a msgpack connection any
+    other byte at a frame boundary starts a JSON line. Blank JSON lines are
+    skipped; a ``\r`` before the newline is dropped.
+
+    A decoder's exception propagates (the replies decoded before it in the
+    same ``feed`` are lost with it); the buffer then still starts with the
+    undecodable frame, so the caller drops the connection and calls ``clear``
+    before reusing the reader."""
+
+    __slots__ = ("_buf", "_decode_json", "_decode_msgpack", "mode")
+
+    def __init__(self, mode: str, decode_msgpack: Callable[[bytes], T], decode_json: Callable[[bytes], T]) -> None:
+        self.mode = check_mode(mode)
+        self._decode_msgpack = decode_msgpack
+        self._decode_json = decode_json
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[T]:
+        """The replies completed by ``data``, in arrival order."""
+        buf = self._buf
+        buf += data
+        out: list[T] = []
+        pos = 0
+        end = len(buf)
+        packed = self.mode == MODE_MSGPACK
+        try:
+            while pos < end:
+                if packed and buf[pos] == 0:
+                    if end - pos < 4:
+                        break
+                    (n,) = _LENGTH.unpack_from(buf, pos)
+                    if end - pos - 4 < n:
+                        break
+                    out.append(self._decode_msgpack(bytes(memoryview(buf)[pos + 4 : pos + 4 + n])))
+                    pos += 4 + n
+                else:
+                    nl = buf.find(b"\n", pos)
+                    if nl < 0:
+                        break
+                    line = bytes(memoryview(buf)[pos:nl]).strip()
+                    pos = nl + 1
+                    if line:
+                        out.append(self._decode_json(line))
+        finally:
+            del buf[:pos]
+        return out
+
+    def clear(self) -> None:
+        """Forget a partial reply (a new connection starts clean)."""
+        self._buf.clear()
+
+    def pending(self) -> int:
+        """Bytes buffered towards an incomplete reply."""
+        return len(self._buf)
 
 
 # ---------------------------------------------------------------- UTF-8 checks

@@ -37,6 +37,7 @@ import psutil  # type: ignore[import-untyped]
 import psycopg
 
 from engine.errors import StartupError
+from ipc.lifetime import signal_on_parent_death
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +58,12 @@ START_TIME_SLACK_S = 3.0
 _PIDFILE_PID, _PIDFILE_START = 0, 2
 
 
-_prctl = None
-try:  # resolved at import, so the forked child only makes the call
-    import ctypes
-
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # pragma: no cover - not Linux
-    pass
-
-
 def _fast_shutdown_with_parent() -> None:
     """In the server's child process, before exec (after the switch to the
     unprivileged user, which would clear it): if the thread that started
     the server dies -- a supervisor killed with SIGKILL -- the kernel sends
     the server SIGINT, PostgreSQL's fast shutdown. Nothing is left running."""
-    if _prctl is not None:
-        _prctl(1, signal.SIGINT, 0, 0, 0)  # PR_SET_PDEATHSIG
+    signal_on_parent_death(signal.SIGINT)
 
 
 def bin_dir() -> Path:

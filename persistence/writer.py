@@ -48,9 +48,9 @@ from typing import Any, Protocol
 
 import psycopg
 
-log = logging.getLogger(__name__)
+from persistence.migrations import SCHEMA as S
 
-S = "batchscheduler"
+log = logging.getLogger(__name__)
 
 INSERT_BATCH = f"""INSERT INTO {S}.batches (size, cut_reason, first_received_at, cut_at, lane)
 VALUES (%(size)s, %(reason)s, to_timestamp(%(first)s), to_timestamp(%(cut)s), %(lane)s) RETURNING id"""

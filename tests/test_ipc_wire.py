@@ -4,6 +4,7 @@ UTF-8 must not depend on how a msgspec release reports it."""
 from __future__ import annotations
 
 import msgspec
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -75,3 +76,75 @@ def test_json_line_reports_the_first_bad_byte():
     found = wire.json_bad_utf8(b'{"t":"ab\xc0\xae"}')
     assert found is not None and found.offset == 8 and found.spans == ()
     assert wire.json_bad_utf8('{"t":"é"}'.encode()) is None
+
+
+# ------------------------------------------------------- the client's side
+def _reader(mode: str) -> wire.ReplyReader:
+    return wire.ReplyReader(mode, msgspec.msgpack.decode, msgspec.json.decode)
+
+
+_replies = st.lists(
+    st.fixed_dictionaries({"client_id": st.text(max_size=20), "seq": st.integers(0, 2**63 - 1), "status": st.text()}),
+    max_size=8,
+)
+
+
+@given(_replies, st.sampled_from([wire.MODE_MSGPACK, wire.MODE_JSON]), st.integers(1, 64))
+def test_replies_come_out_whole_however_the_stream_is_cut(replies, mode, chunk):
+    encode = msgspec.msgpack.encode if mode == wire.MODE_MSGPACK else msgspec.json.encode
+    stream = b"".join(wire.frame(mode, encode(r)) for r in replies)
+    reader = _reader(mode)
+    got = []
+    for i in range(0, len(stream), chunk):
+        got += reader.feed(stream[i : i + chunk])
+    assert got == replies
+    assert reader.pending() == 0
+
+
+@given(_replies)
+def test_what_a_client_frames_the_engine_reads_as_the_same_frames(replies):
+    for mode, encode in ((wire.MODE_MSGPACK, msgspec.msgpack.encode), (wire.MODE_JSON, msgspec.json.encode)):
+        payloads = [encode(r) for r in replies]
+        engine_side = wire.FrameReader(max_frame=1 << 20)
+        assert engine_side.feed(b"".join(wire.frame(mode, p) for p in payloads)) == payloads
+
+
+def test_json_replies_drop_a_carriage_return_and_skip_blank_lines():
+    reader = _reader(wire.MODE_JSON)
+    assert reader.feed(b'{"seq":1}\r\n\n  \n{"seq":2}\n{"seq"') == [{"seq": 1}, {"seq": 2}]
+    assert reader.pending() == len(b'{"seq"')
+    assert reader.feed(b":3}\n") == [{"seq": 3}]
+
+
+def test_a_refusal_line_on_a_msgpack_connection_is_read_as_json():
+    # The engine refuses a connection at accept time with one JSON line,
+    # before the client has spoken; a msgpack frame always starts with 0x00.
+    reader = _reader(wire.MODE_MSGPACK)
+    refusal = b'{"client_id":null,"seq":null,"status":"rejected","code":"unavailable"}\n'
+    packed = wire.frame_msgpack(msgspec.msgpack.encode({"seq": 7}))
+    assert reader.feed(refusal + packed) == [
+        {"client_id": None, "seq": None, "status": "rejected", "code": "unavailable"},
+        {"seq": 7},
+    ]
+
+
+def test_clear_forgets_a_partial_reply():
+    reader = _reader(wire.MODE_MSGPACK)
+    frame = wire.frame_msgpack(msgspec.msgpack.encode({"seq": 1}))
+    assert reader.feed(frame[:3]) == [] and reader.pending() == 3
+    reader.clear()
+    assert reader.feed(frame) == [{"seq": 1}]
+
+
+def test_an_undecodable_reply_raises_and_stays_buffered():
+    reader = _reader(wire.MODE_MSGPACK)
+    good = wire.frame_msgpack(msgspec.msgpack.encode({"seq": 1}))
+    bad = wire.frame_msgpack(b"\xc1")
+    with pytest.raises(msgspec.DecodeError):
+        reader.feed(good + bad)
+    assert reader.pending() == len(bad)
+
+
+def test_an_unknown_framing_is_refused():
+    with pytest.raises(ValueError, match="'msgpack' or 'json', got 'xml'"):
+        _reader("xml")

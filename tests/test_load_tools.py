@@ -147,7 +147,7 @@ def test_load_gen_samples_only_the_engine_it_loads(two_engines, short_tmp):
 
 
 def test_rss_plot_has_one_line_per_role_with_gaps_for_restarts():
-    from engine import plots
+    from tools import plots
 
     def sample(t, **roles):
         return {

@@ -81,19 +81,28 @@ def test_entry_points_cover_every_installable_tool():
     targets = set(scripts().values())
     assert {
         "engine.cli:run_engine_main",
-        "engine.loadgen:main",
-        "engine.replay:main",
-        "engine.bench.db:main",
-        "engine.bench.ipc:main",
-        "engine.bench.sweep:main",
+        "batchscheduler_tools.loadgen:main",
+        "batchscheduler_tools.replaylib:main",
+        "batchscheduler_tools.bench.db:main",
+        "batchscheduler_tools.bench.ipc:main",
+        "batchscheduler_tools.bench.sweep:main",
     } <= targets
     for name in scripts():
         assert name.startswith("batchscheduler-")
 
 
+def test_the_tools_package_installs_under_its_own_name():
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"batchscheduler_tools": "tools"}
+    assert {"batchscheduler_tools", "batchscheduler_tools.bench"} <= set(setuptools["packages"])
+    assert "tools" not in setuptools["packages"]
+
+
 @pytest.mark.parametrize("name", sorted(scripts()))
 def test_entry_point_main_prints_its_help(name, capsys):
     module, _, func = scripts()[name].partition(":")
+    # From a checkout the installed name batchscheduler_tools is the package tools/.
+    module = module.replace("batchscheduler_tools", "tools", 1) if module.startswith("batchscheduler_tools") else module
     main = getattr(importlib.import_module(module), func)
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
@@ -219,15 +228,16 @@ def test_plot_without_matplotlib_is_refused_before_the_run(args, no_matplotlib):
 
 # ------------------------------------------------------------------ help
 def parsers() -> dict[str, argparse.ArgumentParser]:
-    from engine import cli, loadgen, replay
-    from engine.bench import db, ipc, sweep
+    from engine import cli
+    from tools import loadgen, replaylib
+    from tools.bench import db, ipc, sweep
 
     return {
         "bench_db": db.build_parser(),
         "bench_ipc": ipc.build_parser(),
         "bench_sweep": sweep.build_parser(),
         "load_gen": loadgen.build_parser(),
-        "replay": replay.build_parser(),
+        "replay": replaylib.build_parser(),
         "run_engine": cli.build_parser(),
     }
 
@@ -246,7 +256,7 @@ def test_help_names_the_program_and_documents_every_option_once(tool):
 
 
 def test_bench_sweep_warns_when_connections_times_in_flight_cannot_fill_a_batch(monkeypatch, capsys):
-    from engine.bench import report, sweep
+    from tools.bench import report, sweep
 
     def fake_run(sizes, *, connections, in_flight, **_):
         points = [

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -42,7 +43,6 @@ import shutil
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -56,6 +56,10 @@ from typing import Any
 import msgspec
 import psutil
 import psycopg
+
+from engine.policy import Backoff
+from ipc import wire
+from persistence.migrations import SCHEMA
 
 log = logging.getLogger("chaos")
 
@@ -90,7 +94,6 @@ STOP_HELD_S = (1.0, 3.0)
 TREE_GONE_TIMEOUT_S = 30.0
 ENGINE_STOP_TIMEOUT_S = 45.0
 REPLAY_TIMEOUT_S = 120.0
-_LENGTH = struct.Struct(">I")
 
 
 class UsageError(Exception):
@@ -538,9 +541,10 @@ class LedgerClient(threading.Thread):
         self._lock = threading.Lock()  # guards the counters the main thread reads
         self._sock: socket.socket | None = None
         self._sel = selectors.DefaultSelector()
-        self._buf = bytearray()
-        self._pack = msgspec.msgpack.Encoder()
-        self._json = msgspec.json.Encoder()
+        # A refusal at connect ('unavailable') is a JSON line even on a msgpack
+        # connection; the reader tells it apart (msgpack frames start with 0x00).
+        self._replies = wire.ReplyReader(framing, msgspec.msgpack.decode, msgspec.json.decode)
+        self._encode = (msgspec.msgpack.Encoder() if framing == wire.MODE_MSGPACK else msgspec.json.Encoder()).encode
 
     # ------------------------------------------------------------ main loop
     def run(self) -> None:
@@ -558,15 +562,14 @@ class LedgerClient(threading.Thread):
             return len(self.unanswered)
 
     def _loop(self) -> None:
-        delay = RECONNECT_INITIAL_S
+        backoff = Backoff(initial=RECONNECT_INITIAL_S, maximum=RECONNECT_MAX_S, stable_s=math.inf)
         next_send = time.monotonic()
         while not self.stop.is_set():
             if self._sock is None:
                 if not self._connect():
-                    self.stop.wait(delay)
-                    delay = min(delay * 2, RECONNECT_MAX_S)
+                    self.stop.wait(backoff.next_delay())
                     continue
-                delay = RECONNECT_INITIAL_S
+                backoff.reset()
                 # Everything without a final reply goes again, same seq, in order.
                 self.retry_at.clear()
                 if self.unanswered and not self._send(sorted(self.unanswered)):
@@ -617,11 +620,7 @@ class LedgerClient(threading.Thread):
         seq = self.next_seq
         self.next_seq += 1
         intent = {"client_id": self.client_id, "seq": seq, "entity": entity, "kind": kind, "args": args}
-        if self.framing == "msgpack":
-            payload = self._pack.encode(intent)
-            frame = _LENGTH.pack(len(payload)) + payload
-        else:
-            frame = self._json.encode(intent) + b"\n"
+        frame = wire.frame(self.framing, self._encode(intent))
         with self._lock:
             self.ledger[seq] = Entry(seq, entity, kind, args, frame)
             self.unanswered.add(seq)
@@ -637,7 +636,7 @@ class LedgerClient(threading.Thread):
             sock.close()
             return False
         self._sock = sock
-        self._buf.clear()
+        self._replies.clear()
         self.inflight.clear()
         self._sel.register(sock, selectors.EVENT_READ)
         self.connects += 1
@@ -681,9 +680,8 @@ class LedgerClient(threading.Thread):
         if not data:
             self._drop()
             return
-        self._buf += data
         try:
-            replies = self._frames()
+            replies = self._replies.feed(data)
         except (msgspec.DecodeError, ValueError) as exc:
             self.errors.append(f"undecodable reply: {exc}")
             log.error("%s: undecodable reply (%s); reconnecting", self.name, exc)
@@ -692,32 +690,6 @@ class LedgerClient(threading.Thread):
         now = time.monotonic()
         for reply in replies:
             self._reply(reply, now)
-
-    def _frames(self) -> list[dict]:
-        buf = self._buf
-        out = []
-        pos = 0
-        while pos < len(buf):
-            # A refusal at connect ('unavailable') is always a JSON line, even
-            # before a msgpack client spoke; msgpack frames start with 0x00.
-            if self.framing == "json" or buf[pos] != 0:
-                nl = buf.find(b"\n", pos)
-                if nl < 0:
-                    break
-                line = bytes(buf[pos:nl]).strip()
-                if line:
-                    out.append(msgspec.json.decode(line))
-                pos = nl + 1
-            else:
-                if len(buf) - pos < 4:
-                    break
-                (n,) = _LENGTH.unpack_from(buf, pos)
-                if len(buf) - pos - 4 < n:
-                    break
-                out.append(msgspec.msgpack.decode(bytes(buf[pos + 4 : pos + 4 + n])))
-                pos += 4 + n
-        del buf[:pos]
-        return out
 
     def _reply(self, reply: dict, now: float) -> None:
         status, code, seq = reply.get("status"), reply.get("code"), reply.get("seq")
@@ -1202,14 +1174,12 @@ class Chaos:
             self.engine.dsn, autocommit=True, connect_timeout=10, application_name="batchscheduler chaos"
         ) as conn:
             for client_id, seq, status, code in conn.execute(
-                "SELECT client_id, seq, status, code FROM batchscheduler.intent_log WHERE client_id = ANY(%s)",
+                f"SELECT client_id, seq, status, code FROM {SCHEMA}.intent_log WHERE client_id = ANY(%s)",
                 (client_ids,),
             ):
                 stored.setdefault((client_id, seq), []).append((status, code))
             entities = dict(
-                conn.execute(
-                    "SELECT id, state FROM batchscheduler.entities WHERE id = ANY(%s)", (entity_ids,)
-                ).fetchall()
+                conn.execute(f"SELECT id, state FROM {SCHEMA}.entities WHERE id = ANY(%s)", (entity_ids,)).fetchall()
             )
         return stored, entities
 
@@ -1364,7 +1334,7 @@ def _shm_entries() -> set[str]:
 # -------------------------------------------------------------------- output
 def table(report: dict[str, Any]) -> str:
     """The summary a person reads."""
-    from engine.bench.report import table as render
+    from .bench.report import table as render
 
     def fmt(value: float | None) -> str:
         return "-" if value is None else f"{value:.3f} s"

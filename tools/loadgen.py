@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import multiprocessing as mp
 import os
 import random
@@ -38,10 +39,13 @@ import msgspec
 import numpy as np
 import psutil
 
-from engine.bench import args as cli_args
 from engine.intent import Intent, Reply
+from ipc import wire
+from ipc.lifetime import signal_on_parent_death
+from persistence.migrations import SCHEMA
 
-_LENGTH = struct.Struct(">I")
+from .bench import args as cli_args
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Bounds of the load's shape: one process per connection (the engine takes
@@ -82,7 +86,9 @@ def _client(index: int, plan: Plan, start_at: float, out) -> None:
     """One client process: its own connection, its own share of the load."""
     rng = random.Random(plan.seed * 1000 + index)
     enc = msgspec.msgpack.Encoder()
-    dec = msgspec.msgpack.Decoder(Reply)
+    replies = wire.ReplyReader(
+        wire.MODE_MSGPACK, msgspec.msgpack.Decoder(Reply).decode, msgspec.json.Decoder(Reply).decode
+    )
     kinds = [k for k, _ in plan.mix]
     weights = [w for _, w in plan.mix]
     client_id = f"load-{os.getpid()}-{index}"
@@ -96,7 +102,6 @@ def _client(index: int, plan: Plan, start_at: float, out) -> None:
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
     statuses: dict[str, int] = {}
-    buf = bytearray()
     outbox = bytearray()
     seq = 0
     while time.time() < start_at:
@@ -111,9 +116,7 @@ def _client(index: int, plan: Plan, start_at: float, out) -> None:
         for _ in range(n):
             kind = rng.choices(kinds, weights)[0]
             entity = f"mob-{rng.randrange(plan.entities)}"
-            payload = enc.encode(Intent(client_id, seq, entity, kind, make_args(kind, rng)))
-            outbox.extend(_LENGTH.pack(len(payload)))
-            outbox.extend(payload)
+            outbox.extend(wire.frame_msgpack(enc.encode(Intent(client_id, seq, entity, kind, make_args(kind, rng)))))
             sent_at[seq] = now
             seq += 1
 
@@ -163,20 +166,12 @@ def _client(index: int, plan: Plan, start_at: float, out) -> None:
                 done_sending = True
                 grace_end = 0
                 break
-            buf += data
-            pos = 0
             recv_now = time.monotonic()
-            while len(buf) - pos >= 4:
-                (n,) = _LENGTH.unpack_from(buf, pos)
-                if len(buf) - pos - 4 < n:
-                    break
-                reply = dec.decode(memoryview(buf)[pos + 4 : pos + 4 + n])
-                pos += 4 + n
+            for reply in replies.feed(data):
                 start = sent_at.pop(reply.seq, None)
                 if start is not None:
                     latencies.append(recv_now - start)
                     statuses[reply.status] = statuses.get(reply.status, 0) + 1
-            del buf[:pos]
     sock.close()
     out.send(
         {
@@ -311,14 +306,12 @@ class Sampler(threading.Thread):
     def _committed(self) -> int | None:
         if not self.socket_path:
             return None
+        from engine.client import control
+        from engine.errors import ClientError
+
         try:
-            with socket.socket(socket.AF_UNIX) as s:
-                s.settimeout(2)
-                s.connect(self.socket_path)
-                s.sendall(b'{"op":"metrics"}\n')
-                line = s.makefile("rb").readline()
-            return int(msgspec.json.decode(line)["flusher"]["committed"])
-        except (OSError, ValueError, KeyError, msgspec.DecodeError):
+            return int(control(self.socket_path, "metrics", timeout=2)["flusher"]["committed"])
+        except (OSError, ClientError, ValueError, KeyError, TypeError, msgspec.DecodeError):
             return None
 
     def stop(self) -> None:
@@ -421,7 +414,7 @@ def batch_stats(dsn: str, since: float, until: float) -> dict:
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT size, cut_reason FROM batchscheduler.batches "
+            f"SELECT size, cut_reason FROM {SCHEMA}.batches "
             "WHERE committed_at >= to_timestamp(%s) AND committed_at <= to_timestamp(%s)",
             (since, until + 5),
         ).fetchall()
@@ -447,12 +440,6 @@ def _histogram(sizes: np.ndarray) -> dict:
     labels = ["1", "2-10", "11-50", "51-100", "101-250", "251-500", "501-856", "857", ">857"]
     counts, _ = np.histogram(sizes, bins=edges)
     return {label: int(c) for label, c in zip(labels, counts) if c}
-
-
-def _die_with_parent() -> None:
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def run_engine_command() -> list[str]:
@@ -490,7 +477,7 @@ class SpawnedEngine:
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl() call, takes no lock
+            preexec_fn=functools.partial(signal_on_parent_death, signal.SIGTERM),  # noqa: PLW1509 - one prctl() call, takes no lock
         )
         self.dsn = dsn
         for line in self.proc.stdout:
@@ -686,7 +673,7 @@ def _tick(name: str, t0: float) -> None:
 
 def render(results: list[dict]) -> str:
     """The table and the per-role peaks."""
-    from engine.bench import report
+    from .bench import report
 
     base = results[0]["throughput"] or 1
     rows = []
@@ -747,8 +734,9 @@ def render(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import functools
 
-    from engine.bench import report
     from engine.errors import ClientError, StartupError
+
+    from .bench import report
 
     args = parse_args(argv)
     prog = cli_args.prog("load_gen")
@@ -814,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json != "-":
             print(f"wrote {args.json}")
     if args.plot:
-        from engine import plots
+        from . import plots
 
         for path in plots.load_plots(results, args.plot):
             print(f"wrote {path}")

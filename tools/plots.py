@@ -1,6 +1,6 @@
 """PNG plots for the load and benchmark tools (matplotlib is optional:
 ``pip install -c requirements/lock.txt '.[plot]'``; the tools check for it
-before they run, see ``engine.bench.args.require_matplotlib``)."""
+before they run, see ``tools.bench.args.require_matplotlib``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        from engine.bench.args import PLOT_HINT
+        from .bench.args import PLOT_HINT
 
         raise SystemExit(f"--plot needs matplotlib; install the plot extra: {PLOT_HINT}") from None
     matplotlib.use("Agg")
@@ -95,7 +95,7 @@ def rss_lines(results: list[dict]) -> dict[tuple[str, str], tuple[list[float], l
     ``flusher 0``, ``flusher 1``, …, ``postgres (all)`` -- over the samples
     from the role's first appearance to its last; None where it had no
     process (a worker being restarted is a gap, not a drop to 0)."""
-    from engine.loadgen import role_order
+    from .loadgen import role_order
 
     lines: dict[tuple[str, str], tuple[list[float], list[float | None]]] = {}
     for r in results:

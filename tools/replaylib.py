@@ -37,16 +37,17 @@ import psycopg
 from engine.handlers import Registry
 from engine.intent import DecodedRecord
 from engine.pipeline import World
+from persistence.migrations import SCHEMA
 
 log = logging.getLogger(__name__)
 
-SCRATCH = "batchscheduler_replay"
+SCRATCH = f"{SCHEMA}_replay"
 CHUNK = 20_000  # log rows fetched per round trip
 
-LOG_ROWS = """SELECT client_id, seq, entity, kind, args::text, status, code
-FROM batchscheduler.intent_log ORDER BY batch_id, batch_ord"""
+LOG_ROWS = f"""SELECT client_id, seq, entity, kind, args::text, status, code
+FROM {SCHEMA}.intent_log ORDER BY batch_id, batch_ord"""
 
-_DIFFERING = f"""FROM batchscheduler.entities l FULL OUTER JOIN {SCRATCH}.entities r ON l.id = r.id
+_DIFFERING = f"""FROM {SCHEMA}.entities l FULL OUTER JOIN {SCRATCH}.entities r ON l.id = r.id
 WHERE l.id IS NULL OR r.id IS NULL OR l.state <> r.state OR l.version <> r.version"""
 DIFF = f"""SELECT coalesce(l.id, r.id), l.state::text, r.state::text, l.version, r.version
 {_DIFFERING}
@@ -110,7 +111,7 @@ def replay(dsn: str, registry: Registry, *, max_diffs: int = 20, keep_scratch: b
                     copy.write_row((entity, encode(state).decode(), world.touched.get(entity, 0)))
         report.differences = conn.execute(DIFF, (max_diffs,)).fetchall()
         ((report.differences_total,),) = conn.execute(DIFF_COUNT).fetchall()
-        ((report.live_entities,),) = conn.execute("SELECT count(*) FROM batchscheduler.entities").fetchall()
+        ((report.live_entities,),) = conn.execute(f"SELECT count(*) FROM {SCHEMA}.entities").fetchall()
         conn.commit()
         if not keep_scratch:
             conn.execute(f"DROP SCHEMA {SCRATCH} CASCADE")
@@ -132,7 +133,7 @@ class CannotCompare(Exception):
 
 
 def _prog() -> str:
-    from engine.bench.args import prog
+    from .bench.args import prog
 
     return prog("replay")
 
@@ -180,7 +181,7 @@ def stopped_engine_database(data_dir: str) -> Iterator[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.bench import args as cli_args
+    from .bench import args as cli_args
 
     p = argparse.ArgumentParser(
         prog=cli_args.prog("replay"),
@@ -218,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def render(report: ReplayReport, max_diffs: int) -> str:
-    from engine.bench.report import table
+    from .bench.report import table
 
     lines = [
         f"intents in log: {report.intents}, applied: {report.applied}, entities rebuilt: {report.entities}",
@@ -271,8 +272,9 @@ def as_json(report: ReplayReport, max_diffs: int) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from engine import handlers
-    from engine.bench.report import write_json
     from engine.errors import ConfigError
+
+    from .bench.report import write_json
 
     args = build_parser().parse_args(argv)
     prog = _prog()

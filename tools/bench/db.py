@@ -63,9 +63,10 @@ from typing import TextIO
 import msgspec
 import psycopg
 
-from engine.bench import args as cli_args
-from engine.bench import report
 from engine.errors import StartupError
+
+from . import args as cli_args
+from . import report
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +487,7 @@ def run_writers_benchmark(
     dsn: str, *, writers: Sequence[int], batches: int, batch_size: int, entities: int, embedded: bool = False
 ) -> dict:
     """The ``--writers`` document: the flusher-shaped write on K connections."""
-    from engine.bench.writers import run_writers
+    from .writers import run_writers
 
     with psycopg.connect(dsn, autocommit=True, application_name="bench_db") as conn:
         server = server_info(conn)

@@ -33,8 +33,8 @@ the reader releases the writer and stops when the last record is decoded.
 Rounds are interleaved (ring, queue, batched queue, ring, ...) so drift in a
 shared machine's load hits every variant alike; the table shows the median.
 
-Waiting never spins: ring waits block in ``poll`` on an eventfd with a
-timeout, queue waits block in ``get(timeout=...)``, and every timeout checks
+Waiting never spins: ring waits block in ``select`` on an eventfd
+(``ipc.wakeup.Wakeup``) with a timeout, queue waits block in ``get(timeout=...)``, and every timeout checks
 that the other side is still alive. Writers are forked (the memfd and the
 eventfds are inherited), always reaped, and a memfd leaves nothing in
 ``/dev/shm``.
@@ -58,15 +58,17 @@ from typing import Any, TextIO
 
 import msgspec
 
-from engine.bench import args as cli_args
-from engine.bench import report
 from engine.intent import DecodedRecord
+from engine.metrics import exit_name
 from engine.options import Options
 from ipc import layout
 from ipc.cursors import Counters
 from ipc.ring import Ring
 from ipc.shm import Segment
 from ipc.wakeup import Wakeup
+
+from . import args as cli_args
+from . import report
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +156,7 @@ def _check_alive(proc: multiprocessing.process.BaseProcess, deadline: float, wha
 
 
 def _exit_name(code: int | None) -> str:
-    if code is None:
-        return "running"
-    if code < 0:
-        try:
-            return signal.Signals(-code).name
-        except ValueError:
-            return f"signal {-code}"
-    return f"code {code}"
+    return "running" if code is None else exit_name(code)
 
 
 def _reap(proc: multiprocessing.process.BaseProcess, grace: float = REAP_S) -> int | None:

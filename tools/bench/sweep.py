@@ -3,7 +3,7 @@
 One engine (``BatchScheduler`` in this process, workers and the embedded
 PostgreSQL as children) serves every size: between runs the size limit is
 changed with ``configure(max_batch_size=n)``, at run time, as a user would.
-Each run is the same closed-loop MUD load (``engine.loadgen``).
+Each run is the same closed-loop MUD load (``tools.loadgen``).
 
 The seed's efficiency model E(n) = n·C_ind / (C_batch + n·C_op) says the
 cost per intent at batch size n is C_batch/n + C_op. So 1/throughput(n) is
@@ -31,9 +31,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine import loadgen
-from engine.bench import args as cli_args
 from engine.scheduler import BatchScheduler
+
+from .. import loadgen
+from . import args as cli_args
 
 SEED_SIZES = (1, 73, 127, 251, 509, 617, 857, 991)
 # The seed's measured table, for the side-by-side column.
@@ -229,8 +230,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from engine.bench import report
     from engine.errors import ClientError, ConfigError, StartupError
+
+    from . import report
 
     args = parse_args(argv)
     prog = cli_args.prog("bench_sweep")
@@ -323,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.json != "-":
             print(f"wrote {args.json}")
     if args.plot:
-        from engine import plots
+        from .. import plots
 
         print(f"wrote {plots.sweep_plot(result, args.plot)}")
     return 1 if any(pt["lost"] for pt in result["points"]) else 0
