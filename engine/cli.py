@@ -91,6 +91,9 @@ def run_engine_main(argv: list[str] | None = None) -> int:
     # go through logging to stderr.
     _say(sys.stdout, f"socket: {supervisor.socket_path}")
     _say(sys.stdout, f"dsn: {supervisor._safe_dsn()}")
+    if supervisor.observability is not None:
+        _say(sys.stdout, f"metrics: {supervisor.observability.url}/metrics")
+        _say(sys.stdout, f"health: {supervisor.observability.url}/health")
     _say(
         sys.stdout,
         f"ready (pid {os.getpid()}, {options.ingests} ingest(s), "

@@ -26,9 +26,10 @@ import select
 import signal
 import time
 
+import numpy as np
 import psycopg
 
-from engine import policy
+from engine import metrics, policy
 from engine.handoff import OutcomeOutbox
 from engine.intent import DEAD_LETTERED, Outcome, clip_reason
 from engine.options import Options
@@ -64,13 +65,14 @@ class _Pending:
         self.payloads += run.payloads
         self.end = run.end
 
-    def take(self, k: int) -> tuple[list[memoryview], int]:
-        """Remove the first ``k`` records; returns their payloads and the
-        position the ring may be committed up to once they are durable."""
-        payloads = self.payloads[:k]
+    def take(self, k: int) -> tuple[list[memoryview], list[int], int]:
+        """Remove the first ``k`` records; returns their payloads, arrival
+        times and the position the ring may be released up to once they are
+        durable."""
+        payloads, recv_ns = self.payloads[:k], self.recv_ns[:k]
         commit_to = self.positions[k] if k < len(self.positions) else self.end
         del self.positions[:k], self.recv_ns[:k], self.payloads[:k]
-        return payloads, commit_to
+        return payloads, recv_ns, commit_to
 
 
 class _Job:
@@ -89,6 +91,7 @@ class _Job:
         "skip",
         "takes",
         "text",
+        "write_s",
     )
 
     def __init__(self, takes, skip, parts, batch: bytes, reason: str, first_ns: int) -> None:
@@ -104,6 +107,7 @@ class _Job:
         self.planner = None
         self.plan = None
         self.fast = False
+        self.write_s = 0.0  # the database write's duration, for the commit-duration histogram
 
 
 class FlusherProcess:
@@ -131,6 +135,7 @@ class FlusherProcess:
         self.options = options
         self.pipeline = pipeline
         self.counters = control.flushers[lane]
+        self.histograms = control.histograms[lane]
         self.pending = [_Pending(r.committed()) for r in self.rings]
         self.stopping = False
         self.batch_no = 0
@@ -268,9 +273,13 @@ class FlusherProcess:
                         job.planner.invalidate()
                     nxt = None
                     self.counters.add(F.SLOW_PATH, 1)
+                    t0 = time.monotonic()
                     result = self._write_slow(job, result if isinstance(result, BaseException) else None)
+                    job.write_s += time.monotonic() - t0
             else:
+                t0 = time.monotonic()
                 result = self._write_slow(job, None)
+                job.write_s = time.monotonic() - t0
             if result is None:
                 return  # records stay pending; retried after the breaker/backoff
             self._acknowledge(job, result)
@@ -316,9 +325,20 @@ class FlusherProcess:
 
     def _write_fast(self, job: _Job) -> WriteResult | None:
         """Runs on the writer thread: the one-round-trip write, nothing else."""
-        return self._writer().write_fast(
-            job.text, len(job.parts), job.reason, job.first_wall, job.cut_wall, job.planner, job.plan, invalidate=False
-        )
+        t0 = time.monotonic()
+        try:
+            return self._writer().write_fast(
+                job.text,
+                len(job.parts),
+                job.reason,
+                job.first_wall,
+                job.cut_wall,
+                job.planner,
+                job.plan,
+                invalidate=False,
+            )
+        finally:
+            job.write_s = time.monotonic() - t0
 
     def _write_slow(self, job: _Job, previous: BaseException | None) -> WriteResult | None:
         """The reading path -- unless the fast path already failed with
@@ -361,12 +381,15 @@ class FlusherProcess:
 
     def _acknowledge(self, job: _Job, result: WriteResult) -> None:
         """Durable: tell the ingests, outcomes before cursors."""
-        latency_s = (time.monotonic_ns() - job.first_ns) / _NS
+        now_ns = time.monotonic_ns()
+        latency_s = (now_ns - job.first_ns) / _NS
+        arrivals: list[int] = []
         ord_base = 0
         for i, k in job.takes:
             positions = self.pending[i].positions[:k]
             self._publish_outcomes(i, positions, ord_base, result)
-            payloads, commit_to = self.pending[i].take(k)
+            payloads, recv_ns, commit_to = self.pending[i].take(k)
+            arrivals += recv_ns
             for view in payloads:
                 # Released now, not when the collector gets to it: a view
                 # kept alive by a traceback cycle would make the segment's
@@ -377,6 +400,7 @@ class FlusherProcess:
             ord_base += k
         self.batch_no += 1
         self._account(result, len(job.parts), job.reason, latency_s)
+        metrics.record_batch(self.histograms, result.new, now_ns - np.array(arrivals, dtype=np.int64), job.write_s)
 
     def _check_idle_connection(self) -> None:
         """While idle, notice a lost connection (the server sends EOF or a
@@ -455,11 +479,11 @@ class FlusherProcess:
         dups = sum(1 for o in result.outcomes.values() if o[3])
         if result.new:  # a batch of resends only stored nothing: no batch (README, Tables)
             c.add(F.BATCHES, 1)
+            c.add({policy.TIME: F.TIME_CUTS, policy.SIZE: F.SIZE_CUTS}.get(reason, F.DRAIN_CUTS), 1)
         c.add(F.INTENTS, size)
         c.add(F.COMMITTED, result.new - dead)
         c.add(F.DEAD_LETTERED, dead)
         c.add(F.DUPLICATES, dups)
-        c.add({policy.TIME: F.TIME_CUTS, policy.SIZE: F.SIZE_CUTS}.get(reason, F.DRAIN_CUTS), 1)
         c.set(F.LAST_FLUSH_WALL_NS, time.time_ns())
         c.set(F.LAST_BATCH_SIZE, size)
         prev = c.get(F.LATENCY_EWMA_US)

@@ -11,11 +11,15 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import NamedTuple
+
+import numpy as np
 
 from engine.policy import OPEN, STATE_NAMES
-from ipc.control import Config, Control
+from ipc.control import HISTOGRAM_WORDS, Config, Control
 from ipc.control import Flusher as F
 from ipc.control import Ingest as I
+from ipc.cursors import Counters
 
 _FLUSHER_NAMES = {v: k.lower() for k, v in vars(F).items() if k.isupper() and k != "COUNT"}
 _INGEST_NAMES = {v: k.lower() for k, v in vars(I).items() if k.isupper() and k != "COUNT"}
@@ -129,3 +133,72 @@ def snapshot(control: Control) -> dict:
     out["workers"] = workers
     out["pid"] = os.getpid()
     return out
+
+
+# ------------------------------------------------------------ histograms
+class Histogram(NamedTuple):
+    """One histogram's place in a lane's histogram words: ``len(bounds) + 1``
+    bucket counts (the last is +Inf), then the sum in ``unit`` (an integer)."""
+
+    name: str
+    help: str
+    first: int
+    bounds: tuple[float, ...]
+    unit: float  # the sum word counts in this many base units (1e-6: microseconds)
+
+    @property
+    def sum_word(self) -> int:
+        return self.first + len(self.bounds) + 1
+
+
+# Batch sizes: the seed's 857 is a bound, so "full" batches are one bucket.
+BATCH_SIZE = Histogram(
+    "batchscheduler_batch_size",
+    "Intents stored per committed batch.",
+    0,
+    (1, 2, 5, 10, 25, 50, 100, 250, 500, 856, 857, 1000, 2500, 5000, 10000),
+    1.0,
+)
+# Received -> committed: the window (10 ms) plus the write; buckets resolve
+# around the window, where the seed's latency questions are.
+COMMIT_LATENCY = Histogram(
+    "batchscheduler_commit_latency_seconds",
+    "Time from an intent's arrival at the ingest to the commit of its batch.",
+    BATCH_SIZE.sum_word + 1,
+    (0.001, 0.002, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    1e-6,
+)
+COMMIT_DURATION = Histogram(
+    "batchscheduler_commit_duration_seconds",
+    "Time one batch's database write took, first statement to COMMIT.",
+    COMMIT_LATENCY.sum_word + 1,
+    (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    1e-6,
+)
+HISTOGRAMS = (BATCH_SIZE, COMMIT_LATENCY, COMMIT_DURATION)
+assert COMMIT_DURATION.sum_word < HISTOGRAM_WORDS, "histograms outgrew their shared-memory words"
+_LATENCY_BOUNDS_NS = np.array([b * 1e9 for b in COMMIT_LATENCY.bounds], dtype=np.int64)
+
+
+def _bucket(h: Histogram, value: float) -> int:
+    for i, bound in enumerate(h.bounds):
+        if value <= bound:
+            return h.first + i
+    return h.first + len(h.bounds)
+
+
+def record_batch(words: Counters, stored: int, latencies_ns: np.ndarray, duration_s: float) -> None:
+    """A lane's flusher, after a batch committed: its size (intents stored),
+    each intent's received-to-committed latency, the write's duration."""
+    if stored:
+        words.add(_bucket(BATCH_SIZE, stored), 1)
+        words.add(BATCH_SIZE.sum_word, stored)
+    if len(latencies_ns):
+        # side="left": a latency equal to a bound falls in that bound's bucket (le).
+        counts = np.bincount(
+            np.searchsorted(_LATENCY_BOUNDS_NS, latencies_ns, side="left"), minlength=len(COMMIT_LATENCY.bounds) + 1
+        ).astype(np.int64)
+        words.add_block(COMMIT_LATENCY.first, counts)
+        words.add(COMMIT_LATENCY.sum_word, int(latencies_ns.sum() // 1000))
+    words.add(_bucket(COMMIT_DURATION, duration_s), 1)
+    words.add(COMMIT_DURATION.sum_word, int(duration_s * 1e6))

@@ -84,6 +84,9 @@ class Options(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """NOTIFY ``batchscheduler_batches`` with each committed batch id (the
     in-process event bus of ``BatchScheduler`` turns this on)."""
     log_level: str = "INFO"
+    metrics_addr: str = "127.0.0.1:9187"
+    """Where /metrics (Prometheus) and /health (JSON) are served: HOST:PORT
+    (loopback by default; port 0 picks a free one) or ``off``."""
 
     def replace(self, **changes: Any) -> Options:
         """A validated copy with ``changes`` applied."""
@@ -201,6 +204,10 @@ def _validate(o: Options) -> None:
         "is empty: give a libpq connection string, or leave the option out for the embedded PostgreSQL",
     )
     _check(":" in o.handlers, "handlers", o.handlers, "must look like 'package.module:attribute'")
+    try:
+        parse_addr(o.metrics_addr)
+    except ValueError as exc:
+        raise ConfigError("metrics_addr", o.metrics_addr, str(exc)) from None
     _check(o.log_level.upper() in _LOG_LEVELS, "log_level", o.log_level, f"must be one of {', '.join(_LOG_LEVELS)}")
 
 
@@ -359,6 +366,16 @@ def data_path(o: Options) -> Path:
     return Path(o.data_dir).resolve()
 
 
+def parse_addr(text: str) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port), or None for ``off``."""
+    if text == "off":
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535 or not host.strip("[]"):
+        raise ValueError(f"expected HOST:PORT (port 0-65535) or 'off', got {text!r}")
+    return host.strip("[]"), int(port)
+
+
 def socket_path(o: Options) -> str:
     """The socket: ``socket`` when given, else ``<data_dir>/engine.sock``."""
     return o.socket if o.socket else os.path.join(o.data_dir, "engine.sock")
@@ -391,4 +408,5 @@ HELP: dict[str, str] = {
     "pipeline": "apply handlers' state changes (false: log intents only)",
     "notify_batches": "NOTIFY batchscheduler_batches after each batch (for event-bus listeners)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "metrics_addr": "HOST:PORT of the /metrics and /health HTTP endpoints (loopback; port 0: any free one), or off",
 }

@@ -91,6 +91,10 @@ class BatchScheduler:
         **overrides: Any,
     ) -> None:
         base = opts.to_dict(options) if options is not None else {}
+        if options is None:
+            # A library opens no port unless asked: pass metrics_addr="127.0.0.1:9187"
+            # (or port 0) for /metrics and /health, as tools/run_engine serves by default.
+            base["metrics_addr"] = "off"
         base.update(overrides)
         if event_bus is not None:
             base["notify_batches"] = True

@@ -119,6 +119,7 @@ class Supervisor:
         self.draining = False
         self.exit_code = 0
         self._lock_fd: int | None = None
+        self.observability = None  # engine.observe.ObservabilityServer once serving
         # The embedded PostgreSQL is watched like a worker: its pidfd sits in
         # the selector, and a dead server is restarted with backoff.
         self._pg_pidfd: int | None = None
@@ -164,6 +165,40 @@ class Supervisor:
         for handle in self.workers:
             self._spawn(handle)
         self._wait_ready()
+        self._serve_observability()
+
+    def _serve_observability(self) -> None:
+        """``/metrics`` and ``/health`` on ``metrics_addr`` (unless off)."""
+        addr = opts.parse_addr(self.options.metrics_addr)
+        if addr is None:
+            return
+        from engine import metrics, observe
+
+        try:
+            self.observability = observe.ObservabilityServer(
+                *addr,
+                self.control,
+                health=lambda: {**metrics.health(self.control, draining=self.draining), "workers": self._workers()},
+                version=observe.version(),
+            )
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {self.options.metrics_addr}: {exc.strerror or exc}; "
+                "choose another --metrics-addr (port 0: any free one) or 'off'"
+            ) from exc
+        self.observability.start()
+        log.info("metrics and health on %s", self.observability.url)
+
+    def _workers(self) -> list[dict]:
+        return [
+            {
+                "role": h.name.removeprefix("batchscheduler: "),
+                "pid": h.proc.pid if h.proc is not None and h.proc.returncode is None else None,
+                "restarts": h.restarts,
+                "last_exit": None if h.last_exit is None else exit_name(h.last_exit),
+            }
+            for h in self.workers
+        ]
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
         """Return once every worker reported ready; a worker that exits first
@@ -506,6 +541,9 @@ class Supervisor:
         return clean
 
     def _cleanup(self) -> None:
+        if self.observability is not None:
+            self.observability.stop()
+            self.observability = None
         for handle in self.workers:
             if handle.proc is not None and handle.proc.returncode is None:
                 handle.proc.kill()

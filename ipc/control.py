@@ -9,6 +9,7 @@ Segment layout (every region starts on a 4 KiB page)::
     |   flusher[l] counters -- written by flusher lane l                |
     |   ingest[i] counters  -- written by ingest i                      |
     |   worker slots        -- written by the supervisor                |
+    |   histograms[l]       -- written by flusher lane l                |
     +------------------------------------------------------------------+
     | pair (0, 0): intent ring  (producer ingest 0, consumer lane 0)    |
     |              outcome ring (producer lane 0, consumer ingest 0)    |
@@ -98,7 +99,11 @@ _FLUSHER_OFFSET = _CONFIG_OFFSET + 8 * Config.COUNT
 _INGEST_OFFSET = _FLUSHER_OFFSET + 8 * Flusher.COUNT * MAX_LANES
 _WORKERS_OFFSET = _INGEST_OFFSET + 8 * Ingest.COUNT * MAX_INGESTS
 # Worker slot l is flusher lane l (l < lanes), slot lanes + i is ingest i.
-CONTROL_BYTES = -(-(_WORKERS_OFFSET + 8 * Worker.COUNT * (MAX_LANES + MAX_INGESTS)) // PAGE) * PAGE
+_HISTOGRAMS_OFFSET = _WORKERS_OFFSET + 8 * Worker.COUNT * (MAX_LANES + MAX_INGESTS)
+# Histogram words of one lane (written by that lane only): fixed buckets plus
+# a sum per histogram; engine.observe owns which word is which bucket.
+HISTOGRAM_WORDS = 96
+CONTROL_BYTES = -(-(_HISTOGRAMS_OFFSET + 8 * HISTOGRAM_WORDS * MAX_LANES) // PAGE) * PAGE
 
 
 def _page_align(n: int) -> int:
@@ -151,6 +156,10 @@ class Control:
             Counters(buf, _WORKERS_OFFSET + 8 * Worker.COUNT * s, Worker.COUNT)
             for s in range(smap.lanes + smap.ingests)
         ]
+        self.histograms = [
+            Counters(buf, _HISTOGRAMS_OFFSET + 8 * HISTOGRAM_WORDS * lane, HISTOGRAM_WORDS)
+            for lane in range(smap.lanes)
+        ]
         self.intent_rings = [
             [
                 Ring(
@@ -179,7 +188,7 @@ class Control:
 
     def close(self) -> None:
         """Release every view (required before the segment can be unmapped)."""
-        for counters in (self.config, *self.flushers, *self.ingest, *self.workers):
+        for counters in (self.config, *self.flushers, *self.ingest, *self.workers, *self.histograms):
             counters.release()
         for ring in (*_flat(self.intent_rings), *_flat(self.outcome_rings)):
             ring.close()

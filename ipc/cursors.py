@@ -98,6 +98,11 @@ class Counters:
         load followed by a store cannot lose an update."""
         self._cells[i] += delta
 
+    def add_block(self, first: int, deltas: Any) -> None:
+        """Add an int64 array to counters ``first .. first + len(deltas)``
+        (one numpy operation); the caller must be their only writer."""
+        self._cells[first : first + len(deltas)] += deltas
+
     def snapshot(self) -> list[int]:
         """All counters as Python ints (a copy; not atomic as a whole)."""
         values: list[int] = self._cells.tolist()

@@ -186,7 +186,9 @@ def start_engine(
 ) -> Engine:
     sock = tmp / f"{name}.sock"
     log_path = tmp / f"{name}.log"
-    cmd = [sys.executable, str(RUN_ENGINE), "--socket", str(sock), "--data-dir", str(tmp / "var"), *args]
+    # Any free port: several engines (and the developer's own) may run at once.
+    metrics = [] if "--metrics-addr" in args else ["--metrics-addr", "127.0.0.1:0"]
+    cmd = [sys.executable, str(RUN_ENGINE), "--socket", str(sock), "--data-dir", str(tmp / "var"), *metrics, *args]
     if dsn:
         cmd += ["--dsn", dsn]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHSCHEDULER_")}

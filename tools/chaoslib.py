@@ -274,6 +274,8 @@ class Engine:
             str(self.socket_path),
             "--ingests",
             str(self.ingests),
+            # Any free port: restarts and other engines never collide on it.
+            *([] if "--metrics-addr" in self.flags else ["--metrics-addr", "127.0.0.1:0"]),
             *self.flags,
         ]
         # Engine options come from --engine-flags only: a stray

@@ -460,6 +460,8 @@ class SpawnedEngine:
         self.socket = str(self.dir / "e.sock")
         cmd = [
             *run_engine_command(),
+            # Any free port: the engine under test must not collide with another.
+            *([] if "--metrics-addr" in flags else ["--metrics-addr", "127.0.0.1:0"]),
             "--socket",
             self.socket,
             "--data-dir",
