@@ -33,7 +33,7 @@ from engine import metrics, policy
 from engine.handoff import OutcomeOutbox
 from engine.intent import DEAD_LETTERED, Outcome, clip_reason
 from engine.options import Options
-from engine.pipeline import Pipeline
+from engine.planner import StatePlanner
 from ipc.control import Config, Control
 from ipc.control import Flusher as F
 from ipc.ring import Run
@@ -70,9 +70,9 @@ class _Pending:
         times and the position the ring may be released up to once they are
         durable."""
         payloads, recv_ns = self.payloads[:k], self.recv_ns[:k]
-        commit_to = self.positions[k] if k < len(self.positions) else self.end
+        release_to_pos = self.positions[k] if k < len(self.positions) else self.end
         del self.positions[:k], self.recv_ns[:k], self.payloads[:k]
-        return payloads, recv_ns, commit_to
+        return payloads, recv_ns, release_to_pos
 
 
 class _Job:
@@ -123,7 +123,7 @@ class FlusherProcess:
         ingest_wakes: list[Wakeup],
         dsn: str,
         options: Options,
-        pipeline: Pipeline | None,
+        state_planner: StatePlanner | None,
     ) -> None:
         self.lane = lane
         self.control = control
@@ -133,10 +133,10 @@ class FlusherProcess:
         self.ingest_wakes = ingest_wakes
         self.dsn = dsn
         self.options = options
-        self.pipeline = pipeline
+        self.state_planner = state_planner
         self.counters = control.flushers[lane]
         self.histograms = control.histograms[lane]
-        self.pending = [_Pending(r.committed()) for r in self.rings]
+        self.pending = [_Pending(r.released()) for r in self.rings]
         self.stopping = False
         self.batch_no = 0
         self.config_epoch = -1
@@ -315,8 +315,8 @@ class FlusherProcess:
             parts += pend.payloads[off : off + k]
             first_ns = pend.recv_ns[off] if first_ns is None else min(first_ns, pend.recv_ns[off])
         job = _Job(takes, skip, parts, b"[" + b",".join(parts) + b"]", reason, first_ns)
-        if self.pipeline is not None:
-            job.planner = self.pipeline.planner(job.batch)
+        if self.state_planner is not None:
+            job.planner = self.state_planner.planner(job.batch)
             job.plan = job.planner.plan_optimistic()
             job.fast = job.plan is not None
         else:
@@ -346,7 +346,7 @@ class FlusherProcess:
         a database failure (counted; the breaker decides what next)."""
         try:
             if previous is None:
-                planner = self.pipeline.planner(job.batch) if self.pipeline is not None else None
+                planner = self.state_planner.planner(job.batch) if self.state_planner is not None else None
                 try:
                     return self._writer().write(
                         job.text, len(job.parts), job.reason, job.first_wall, job.cut_wall, planner
@@ -374,7 +374,7 @@ class FlusherProcess:
             len(job.parts),
             str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__,
         )
-        planner = self.pipeline.planner(job.batch) if self.pipeline is not None else None
+        planner = self.state_planner.planner(job.batch) if self.state_planner is not None else None
         return writer.write_isolated(
             job.text, [bytes(p).decode() for p in job.parts], job.reason, job.first_wall, job.cut_wall, planner
         )
@@ -388,14 +388,14 @@ class FlusherProcess:
         for i, k in job.takes:
             positions = self.pending[i].positions[:k]
             self._publish_outcomes(i, positions, ord_base, result)
-            payloads, recv_ns, commit_to = self.pending[i].take(k)
+            payloads, recv_ns, release_to_pos = self.pending[i].take(k)
             arrivals += recv_ns
             for view in payloads:
                 # Released now, not when the collector gets to it: a view
                 # kept alive by a traceback cycle would make the segment's
                 # unmap fail at exit (BufferError, exit 1 on a drain).
                 view.release()
-            self.rings[i].commit(commit_to)
+            self.rings[i].release_to(release_to_pos)
             self.ingest_wakes[i].signal()
             ord_base += k
         self.batch_no += 1

@@ -76,7 +76,7 @@ class OutcomeInbox:
     def released(self) -> int:
         """Load the release cursor, then drain the outcome ring: afterwards
         every outcome for a position below the returned cursor is held."""
-        released = self.ring.committed()
+        released = self.ring.released()
         self._drain()
         return released
 
@@ -96,7 +96,7 @@ class OutcomeInbox:
 
     def _drain(self) -> None:
         ring = self.outcomes
-        start, end = ring.committed(), ring.published()
+        start, end = ring.released(), ring.published()
         if end <= start:
             return
         run = ring.read(start, end, 1 << 30)
@@ -104,5 +104,5 @@ class OutcomeInbox:
         for view in run.payloads:
             out = decode(view)
             held[out.position] = out
-        run.release()
-        ring.commit(run.end)  # room for the flusher; the outcomes live on in _held
+        run.detach()
+        ring.release_to(run.end)  # room for the flusher; the outcomes live on in _held

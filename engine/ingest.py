@@ -156,7 +156,7 @@ class IngestProcess:
         control: Control,
         listener: socket.socket,
         data_wakes: list[Wakeup],
-        commit_wake: Wakeup,
+        release_wake: Wakeup,
         options: Options,
         schemas: dict[str, type[msgspec.Struct] | None],
     ) -> None:
@@ -171,7 +171,7 @@ class IngestProcess:
         self.parent_pid = os.getppid()  # the supervisor; a change means it died
         self.listener = listener
         self.data_wakes = data_wakes
-        self.commit_wake = commit_wake
+        self.release_wake = release_wake
         self.options = options
         self.schemas = schemas  # kind -> the Struct its args must fit (None: any object)
         self.counters = control.ingest[index]
@@ -197,13 +197,13 @@ class IngestProcess:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.begin_drain)
         loop.add_signal_handler(signal.SIGINT, self.begin_drain)
-        loop.add_reader(self.commit_wake.fd, self.on_commit)
+        loop.add_reader(self.release_wake.fd, self.on_release)
         self._server = await loop.create_unix_server(lambda: Connection(self), sock=self.listener, backlog=1024)
         # Outcomes left by a predecessor belong to connections that are gone.
-        self.on_commit()
+        self.on_release()
         self.counters.set(I.READY_NS, time.time_ns())
         await self._stop.wait()
-        loop.remove_reader(self.commit_wake.fd)
+        loop.remove_reader(self.release_wake.fd)
 
     def begin_drain(self) -> None:
         """Stop accepting and reading; answer ``busy`` at once to what never
@@ -509,9 +509,9 @@ class IngestProcess:
         return client_id, seq
 
     # ----------------------------------------------------------------- output
-    def on_commit(self) -> None:
+    def on_release(self) -> None:
         """A lane moved one of our release cursors: reply to what is durable."""
-        self.commit_wake.drain()
+        self.release_wake.drain()
         touched: set[Connection] = set()
         replies = 0
         for inbox, waiting in zip(self.inboxes, self.waiting):
@@ -582,9 +582,9 @@ def run(
     control: Control,
     listener: socket.socket,
     data_wakes: list[Wakeup],
-    commit_wake: Wakeup,
+    release_wake: Wakeup,
     options: Options,
     schemas: dict[str, type[msgspec.Struct] | None],
 ) -> None:
-    ingest = IngestProcess(index, control, listener, data_wakes, commit_wake, options, schemas)
+    ingest = IngestProcess(index, control, listener, data_wakes, release_wake, options, schemas)
     asyncio.run(ingest.serve())

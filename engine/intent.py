@@ -99,7 +99,7 @@ class Record(msgspec.Struct, array_like=True, gc=False):
 
 
 class DecodedRecord(msgspec.Struct, array_like=True, gc=False):
-    """``Record`` decoded by the pipeline, ``args`` as a dict."""
+    """``Record`` decoded by the planner, ``args`` as a dict."""
 
     client_id: str
     seq: int

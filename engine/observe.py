@@ -114,7 +114,7 @@ class EngineCollector:
         )
         for i, row in enumerate(c.intent_rings):
             for lane, ring in enumerate(row):
-                fill.add_metric([str(i), str(lane)], (ring.published() - ring.committed()) / ring.capacity)
+                fill.add_metric([str(i), str(lane)], (ring.published() - ring.released()) / ring.capacity)
         yield fill
         in_flight = GaugeMetricFamily(
             "batchscheduler_intents_in_flight", "Intents received and not yet answered, per ingest.", labels=["ingest"]

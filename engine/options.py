@@ -78,7 +78,7 @@ class Options(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """An external PostgreSQL (>= 14). None: the embedded one in data_dir."""
     handlers: str = "engine.handlers:BUILTIN"
     """``module:attribute`` naming the handler registry."""
-    pipeline: bool = True
+    apply_state: bool = True
     """False: log intents only, apply no state change (the baseline)."""
     notify_batches: bool = False
     """NOTIFY ``batchscheduler_batches`` with each committed batch id (the
@@ -405,7 +405,7 @@ HELP: dict[str, str] = {
     "data_dir": "directory of the embedded PostgreSQL and default files",
     "dsn": "libpq connection string of an external PostgreSQL >= 14 (default: embedded)",
     "handlers": "handler registry as package.module:ATTRIBUTE (default engine.handlers:BUILTIN)",
-    "pipeline": "apply handlers' state changes (false: log intents only)",
+    "apply_state": "apply handlers' state changes (false: log intents only)",
     "notify_batches": "NOTIFY batchscheduler_batches after each batch (for event-bus listeners)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "metrics_addr": "HOST:PORT of the /metrics and /health HTTP endpoints (loopback; port 0: any free one), or off",

@@ -106,7 +106,7 @@ class Supervisor:
         self.segment: Segment | None = None
         self.control: Control | None = None
         self.data_wakes: list[Wakeup] = []  # one per lane
-        self.commit_wakes: list[Wakeup] = []
+        self.release_wakes: list[Wakeup] = []
         self.listener: socket.socket | None = None
         # Absolute, never resolved: a symlink at the path is refused, not followed.
         self.socket_path = Path(opts.socket_path(options)).absolute()
@@ -157,7 +157,7 @@ class Supervisor:
         self._write_config(o)
         self.control.config.set(Config.DATABASE, 1)
         self.data_wakes = [Wakeup() for _ in range(o.lanes)]
-        self.commit_wakes = [Wakeup() for _ in range(o.ingests)]
+        self.release_wakes = [Wakeup() for _ in range(o.ingests)]
         self.listener = self._listen()
         self.workers = [WorkerHandle("flusher", lane, lane) for lane in range(o.lanes)] + [
             WorkerHandle("ingest", i, self.control.ingest_slot(i)) for i in range(o.ingests)
@@ -356,7 +356,7 @@ class Supervisor:
         fds = [
             self.segment.fd,
             *[w.fd for w in self.data_wakes],
-            *[w.fd for w in self.commit_wakes],
+            *[w.fd for w in self.release_wakes],
             self.listener.fileno(),
         ]
         spec = WorkerSpec(
@@ -366,7 +366,7 @@ class Supervisor:
             segment_size=self.segment.size,
             segment_map=[int(a) for a in self.control.map.args()],
             data_wake_fds=[w.fd for w in self.data_wakes],
-            commit_wake_fds=[w.fd for w in self.commit_wakes],
+            release_wake_fds=[w.fd for w in self.release_wakes],
             listen_fd=self.listener.fileno(),
             dsn=self.dsn,
             options=opts.to_dict(o),
@@ -568,10 +568,10 @@ class Supervisor:
         if self.segment is not None:
             self.segment.close()
             self.segment = None
-        for wake in [*self.data_wakes, *self.commit_wakes]:
+        for wake in [*self.data_wakes, *self.release_wakes]:
             if wake is not None:
                 wake.close()
-        self.data_wakes, self.commit_wakes = [], []
+        self.data_wakes, self.release_wakes = [], []
         self._unwatch_database()
         if self.pg is not None:
             self.pg.stop()

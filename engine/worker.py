@@ -33,7 +33,7 @@ class WorkerSpec(msgspec.Struct):
     segment_size: int
     segment_map: list[int]  # SegmentMap.args()
     data_wake_fds: list[int]  # one per lane: an ingest signals lane l's after writing ring [i][l]
-    commit_wake_fds: list[int]
+    release_wake_fds: list[int]
     listen_fd: int
     dsn: str
     options: dict
@@ -78,16 +78,16 @@ def main() -> int:
     try:
         if spec.role == "flusher":
             from engine.flusher import FlusherProcess
-            from engine.pipeline import Pipeline
+            from engine.planner import StatePlanner
 
             flusher = FlusherProcess(
                 spec.index,
                 control,
                 data_wakes[spec.index],
-                [Wakeup(fd) for fd in spec.commit_wake_fds],
+                [Wakeup(fd) for fd in spec.release_wake_fds],
                 spec.dsn,
                 options,
-                Pipeline(registry) if options.pipeline else None,
+                StatePlanner(registry) if options.apply_state else None,
             )
             try:
                 flusher.run()
@@ -103,7 +103,7 @@ def main() -> int:
                 control,
                 listener,
                 data_wakes,
-                Wakeup(spec.commit_wake_fds[spec.index]),
+                Wakeup(spec.release_wake_fds[spec.index]),
                 options,
                 registry.schemas(),
             )

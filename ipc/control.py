@@ -189,7 +189,7 @@ class Control:
     def close(self) -> None:
         """Release every view (required before the segment can be unmapped)."""
         for counters in (self.config, *self.flushers, *self.ingest, *self.workers, *self.histograms):
-            counters.release()
+            counters.detach()
         for ring in (*_flat(self.intent_rings), *_flat(self.outcome_rings)):
             ring.close()
 

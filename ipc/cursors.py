@@ -62,7 +62,7 @@ class Cursor:
         writer may call this, and only with a value not below the current one."""
         self._cell[0] = value
 
-    def release(self) -> None:
+    def detach(self) -> None:
         """Drop the view so the underlying mmap can be closed."""
         self._cell = None  # type: ignore[assignment]
 
@@ -108,6 +108,6 @@ class Counters:
         values: list[int] = self._cells.tolist()
         return values
 
-    def release(self) -> None:
+    def detach(self) -> None:
         """Drop the view so the underlying mmap can be closed."""
         self._cells = None  # type: ignore[assignment]

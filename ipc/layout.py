@@ -13,7 +13,7 @@ Ring header (``HEADER_BYTES`` = 256)::
     +---------------+---------------+--------------------------------+
  64 | WRITE_CURSOR i64   -- written only by the producer             |
     +----------------------------------------------------------------+
-128 | COMMIT_CURSOR i64  -- written only by the consumer             |
+128 | RELEASE_CURSOR i64 -- written only by the consumer             |
     +----------------------------------------------------------------+
 192 |                          (reserved)                            |
     +----------------------------------------------------------------+
@@ -45,8 +45,8 @@ CACHE_LINE = 64
 MAGIC_OFFSET = 0
 CAPACITY_OFFSET = MAGIC_OFFSET + 8
 WRITE_CURSOR_OFFSET = CACHE_LINE
-COMMIT_CURSOR_OFFSET = WRITE_CURSOR_OFFSET + CACHE_LINE
-HEADER_BYTES = COMMIT_CURSOR_OFFSET + 2 * CACHE_LINE
+RELEASE_CURSOR_OFFSET = WRITE_CURSOR_OFFSET + CACHE_LINE
+HEADER_BYTES = RELEASE_CURSOR_OFFSET + 2 * CACHE_LINE
 DATA_OFFSET = HEADER_BYTES
 
 RECORD_ALIGNMENT = 8

@@ -2,8 +2,8 @@
 
 Vocabulary (as in the Disruptor): the producer *claims* space, writes records
 and *publishes* them by storing ``WRITE_CURSOR`` once; the consumer *reads* a
-run of published records, processes them, then *commits* by storing
-``COMMIT_CURSOR``. Only committed bytes may be reused, so the producer never
+run of published records, processes them, then *releases* them by storing
+``RELEASE_CURSOR``. Only released bytes may be reused, so the producer never
 overwrites a record the consumer has not finished with: when the ring is full
 ``try_append`` returns False and the producer backs off.
 
@@ -32,7 +32,7 @@ class Run:
     """Records read in one pass: parallel lists plus where the pass ended.
 
     ``payloads`` are views into shared memory, valid until the consumer
-    commits past them; copy what must outlive that and call ``release``.
+    releases past them; copy what must outlive that and call ``detach``.
     """
 
     __slots__ = ("end", "payloads", "positions", "recv_ns")
@@ -46,7 +46,7 @@ class Run:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def release(self) -> None:
+    def detach(self) -> None:
         for view in self.payloads:
             view.release()
         self.payloads = []
@@ -86,18 +86,18 @@ class Ring:
         self._mask = capacity - 1
         self._data = buf[offset + layout.DATA_OFFSET : offset + layout.DATA_OFFSET + capacity]
         self.write_cursor = Cursor(buf, offset + layout.WRITE_CURSOR_OFFSET, f"{name}.write")
-        self.commit_cursor = Cursor(buf, offset + layout.COMMIT_CURSOR_OFFSET, f"{name}.commit")
+        self.release_cursor = Cursor(buf, offset + layout.RELEASE_CURSOR_OFFSET, f"{name}.release")
         # Producer-side caches: where the next record goes, and how far it may
-        # go before the commit cursor has to be re-read.
+        # go before the release cursor has to be re-read.
         self._claim_pos = self.write_cursor.load_acquire()
-        self._limit = self.commit_cursor.load_acquire() + capacity
+        self._limit = self.release_cursor.load_acquire() + capacity
 
     # ------------------------------------------------------------------ producer
     def resume_producer(self) -> None:
         """Re-read the published cursor (a restarted producer continues there;
         anything its predecessor wrote but never published is overwritten)."""
         self._claim_pos = self.write_cursor.load_acquire()
-        self._limit = self.commit_cursor.load_acquire() + self.capacity
+        self._limit = self.release_cursor.load_acquire() + self.capacity
 
     def try_append(self, payload: bytes, recv_ns: int = 0) -> bool:
         """Write one record after the claimed ones, unpublished. Returns False
@@ -112,7 +112,7 @@ class Ring:
         tail = self.capacity - idx
         need = size if size <= tail else tail + size
         if pos + need > self._limit:
-            self._limit = self.commit_cursor.load_acquire() + self.capacity
+            self._limit = self.release_cursor.load_acquire() + self.capacity
             if pos + need > self._limit:
                 return False
         data = self._data
@@ -152,8 +152,8 @@ class Ring:
         return self._claim_pos
 
     def free_bytes(self) -> int:
-        """Bytes the producer could claim right now (re-reads the commit cursor)."""
-        self._limit = self.commit_cursor.load_acquire() + self.capacity
+        """Bytes the producer could claim right now (re-reads the release cursor)."""
+        self._limit = self.release_cursor.load_acquire() + self.capacity
         return self._limit - self._claim_pos
 
     # ------------------------------------------------------------------ consumer
@@ -200,22 +200,22 @@ class Ring:
         run.end = pos
         return run
 
-    def commit(self, position: int) -> None:
+    def release_to(self, position: int) -> None:
         """Hand bytes before ``position`` back to the producer (release)."""
-        self.commit_cursor.store_release(position)
+        self.release_cursor.store_release(position)
 
-    def committed(self) -> int:
+    def released(self) -> int:
         """The consumer's cursor (acquire)."""
-        return self.commit_cursor.load_acquire()
+        return self.release_cursor.load_acquire()
 
     def close(self) -> None:
         """Release every view into the shared buffer."""
         self._data.release()
-        self.write_cursor.release()
-        self.commit_cursor.release()
+        self.write_cursor.detach()
+        self.release_cursor.detach()
 
     def __repr__(self) -> str:
         return (
             f"<Ring {self.name} cap={self.capacity} "
-            f"write={self.write_cursor.load_acquire()} commit={self.commit_cursor.load_acquire()}>"
+            f"write={self.write_cursor.load_acquire()} released={self.release_cursor.load_acquire()}>"
         )

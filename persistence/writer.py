@@ -312,7 +312,7 @@ class BatchWriter:
                     if isinstance(exc, psycopg.errors.IntegrityError):
                         code = "constraint_violation"
                     else:
-                        code = "write_error" if isinstance(exc, psycopg.Error) else "pipeline_error"
+                        code = "write_error" if isinstance(exc, psycopg.Error) else "planner_error"
                     diag = ((exc.diag.message_primary if isinstance(exc, psycopg.Error) else None) or str(exc)).strip()
                     outcomes_dead[ord_] = (code, f"{type(exc).__name__}: {diag}")
                     # The log row went with the savepoint; write it again so

@@ -77,7 +77,7 @@ class World:
         run = self.intents.read(self.next_cut, published, most or self.rnd.randint(1, 60))
         positions = list(run.positions)
         self.next_cut = run.end
-        run.release()
+        run.detach()
         outs = []
         for pos in positions:  # "write" the batch: outcomes decided once, stored
             duplicate = pos in self.stored
@@ -101,14 +101,14 @@ class World:
             return
         del self.unpublished[: self.outbox.publish(self.unpublished)]
         if not self.unpublished:  # every outcome handed over: release
-            self.intents.commit(self._batch_end)
+            self.intents.release_to(self._batch_end)
             self.batch = None
 
     def flusher_restart(self) -> None:
         """Killed at any point: the successor starts at the release cursor
         and writes the unreleased records again (duplicates, stored outcome)."""
         self.batch, self.unpublished = None, []
-        self.next_cut = self.intents.committed()
+        self.next_cut = self.intents.released()
 
 
 STEPS = ["ingest_write", "ingest_reply", "flusher_cut", "flusher_publish"]

@@ -29,10 +29,10 @@ def ring():
 
 
 def drain(ring: Ring) -> list[bytes]:
-    run = ring.read(ring.committed(), ring.published(), 1 << 30)
+    run = ring.read(ring.released(), ring.published(), 1 << 30)
     out = [bytes(p) for p in run.payloads]
-    run.release()
-    ring.commit(run.end)
+    run.detach()
+    ring.release_to(run.end)
     return out
 
 
@@ -43,7 +43,7 @@ def test_published_records_read_back_in_order(ring):
     run = ring.read(0, ring.published(), 100)
     assert [bytes(p) for p in run.payloads] == [f"rec-{i}".encode() for i in range(10)]
     assert run.recv_ns == list(range(10))
-    run.release()
+    run.detach()
 
 
 def test_partial_write_is_invisible(ring):
@@ -78,7 +78,7 @@ def test_inserts_padding_on_wrap(ring):
         assert w.try_append(b"q" * 100)  # 116 bytes do not fit in 32: pad, then wrap
     assert ring.published() == 4 * layout.record_size(1000) + 32 + layout.record_size(100)
     assert drain(ring) == [b"q" * 100]
-    assert ring.committed() == ring.published()
+    assert ring.released() == ring.published()
 
 
 def test_full_ring_refuses_and_overwrites_nothing(ring):
@@ -191,9 +191,9 @@ def test_two_process_stress_one_million_records_checksum():
                 assert recv == seen, f"record {seen} out of order"
                 digest.update(payload)
                 seen += 1
-            run.release()
+            run.detach()
             pos = run.end
-            ring.commit(pos)
+            ring.release_to(pos)
             space.signal()
         out, _ = proc.communicate(timeout=60)
     finally:

@@ -97,12 +97,12 @@ def test_flags_map_onto_options():
             "--max-batch-size",
             "0x100",
             "--adaptive-batching",
-            "--no-pipeline",
+            "--no-apply-state",
             "--socket-mode",
             "0o660",
         ]
     )
-    assert (o.time_window_ms, o.max_batch_size, o.adaptive_batching, o.pipeline, o.socket_mode) == (
+    assert (o.time_window_ms, o.max_batch_size, o.adaptive_batching, o.apply_state, o.socket_mode) == (
         2.5,
         256,
         True,

@@ -36,7 +36,7 @@ import psycopg
 
 from engine.handlers import Registry
 from engine.intent import DecodedRecord
-from engine.pipeline import World
+from engine.planner import World
 from persistence.migrations import SCHEMA
 
 log = logging.getLogger(__name__)

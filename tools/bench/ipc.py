@@ -252,7 +252,7 @@ class Bench:
             hs.reader_wait_ready(proc, deadline)
 
             decode, check, max_batch, n = self.decode_run, _Check(), self.max_batch, self.n
-            pos = ring.committed()
+            pos = ring.released()
             got = runs = waits = 0
             t0 = time.perf_counter()
             hs.go.signal()
@@ -265,9 +265,9 @@ class Bench:
                     continue
                 run = ring.read(pos, published, max_batch)
                 items = decode(b"[" + b",".join(run.payloads) + b"]")
-                run.release()
+                run.detach()
                 pos = run.end
-                ring.commit(pos)
+                ring.release_to(pos)
                 space_wake.signal()
                 run = None
                 check.run(items)
@@ -292,9 +292,9 @@ class Bench:
                 _reap(proc, grace=0)
                 hs.close()
             if run is not None:  # interrupted between read and release
-                run.release()
+                run.detach()
             if stats is not None:
-                stats.release()
+                stats.detach()
             if ring is not None:
                 ring.close()
             try:
@@ -448,7 +448,7 @@ def _ring_writer(
         stats.set(WriterStat.PUBLISHES, publishes)
         stats.set(WriterStat.FULL_WAITS, full_waits)
     finally:
-        stats.release()
+        stats.detach()
         ring.close()
 
 

@@ -1,4 +1,4 @@
-"""The pipeline: a batch of intents becomes the fewest state writes.
+"""The planner: a batch of intents becomes the fewest state writes.
 
 Per batch (inside the batch's transaction, see ``persistence.writer``):
 
@@ -202,22 +202,22 @@ _MISS = object()
 class BatchPlanner:
     """Plans one batch; handed to the writer, which supplies the new ords and
     the current states it read -- or, on the optimistic path, plans from the
-    pipeline's entity cache with no read at all."""
+    planner's entity cache with no read at all."""
 
-    def __init__(self, pipeline: Pipeline, batch: bytes) -> None:
-        self.pipeline = pipeline
-        self.records: list[DecodedRecord] = pipeline.decode_batch(batch)
+    def __init__(self, owner: StatePlanner, batch: bytes) -> None:
+        self.owner = owner
+        self.records: list[DecodedRecord] = owner.decode_batch(batch)
         self.world: World | None = None
 
     def read_query(self, ords: Sequence[int] | None = None) -> tuple[str, dict]:
         """Current state of the entities the batch (or ``ords``) touches."""
         chosen = self.records if ords is None else [self.records[o - 1] for o in ords]
         ids = list(dict.fromkeys(rec.entity for rec in chosen))
-        return SELECT_ENTITIES, {"ids": self.pipeline.encode(ids).decode()}
+        return SELECT_ENTITIES, {"ids": self.owner.encode(ids).decode()}
 
     def plan(self, new_ords: Sequence[int], rows: Iterable[tuple[str, str, int]]) -> Plan:
         """Plan ``new_ords`` from ``rows`` of ``read_query`` (id, state, version)."""
-        decode = self.pipeline.decode_state
+        decode = self.owner.decode_state
         states, versions = {}, {}
         for entity, text, version in rows:
             states[entity] = decode(text)
@@ -233,7 +233,7 @@ class BatchPlanner:
         is still being written. That holds only while every planned batch
         commits: the writer calls ``invalidate`` on any failure, which
         forgets the whole cache."""
-        cache = self.pipeline.cache
+        cache = self.owner.cache
         states, versions = {}, {}
         for rec in self.records:
             entity = rec.entity
@@ -244,35 +244,35 @@ class BatchPlanner:
                 return None
             states[entity], versions[entity] = hit
         plan = self._plan(World(states, versions), range(1, len(self.records) + 1))
-        self.pipeline.remember(self.world)
+        self.owner.remember(self.world)
         self.world = None  # already remembered; committed() has nothing to add
         return plan
 
     def _plan(self, world: World, new_ords: Iterable[int]) -> Plan:
         dead: dict[int, tuple[str, str]] = {}
         apply = world.apply
-        registry = self.pipeline.registry
+        registry = self.owner.registry
         records = self.records
         for ord_ in new_ords:
             failure = apply(registry, records[ord_ - 1])
             if failure is not None:
                 dead[ord_] = failure
         self.world = world
-        return Plan(statements=self.pipeline.statements(world), dead=dead)
+        return Plan(statements=self.owner.statements(world), dead=dead)
 
     def committed(self) -> None:
         """The batch's transaction committed: its states become the cache."""
         if self.world is not None:
-            self.pipeline.remember(self.world)
+            self.owner.remember(self.world)
 
     def invalidate(self) -> None:
         """The write failed (or was isolated intent by intent): forget every
         cached state, since some may have been changed in place."""
-        self.pipeline.cache.clear()
+        self.owner.cache.clear()
         self.world = None
 
 
-class Pipeline:
+class StatePlanner:
     """The handler registry, the codecs the planner reuses, and the entity
     cache: the flusher is the only writer of entities, so the states it
     committed are the states in the database -- unless someone else writes

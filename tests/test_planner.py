@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from engine.handlers import BUILTIN, Op, Registry
 from engine.intent import DecodedRecord, Record
-from engine.pipeline import Pipeline, apply_one_by_one, apply_op
+from engine.planner import StatePlanner, apply_one_by_one, apply_op
 from persistence.migrations import migrate
 from persistence.writer import BatchWriter
 
@@ -40,7 +40,7 @@ def reset(conn):
     conn.commit()
 
 
-def write_in_batches(conn, pipeline, payloads, sizes, *, fast=False):
+def write_in_batches(conn, planner_of_states, payloads, sizes, *, fast=False):
     """Write like the flusher: with ``fast``, the one-round-trip optimistic
     path from the entity cache first, the reading path when it declines."""
     writer = BatchWriter(conn)
@@ -53,12 +53,12 @@ def write_in_batches(conn, pipeline, payloads, sizes, *, fast=False):
         batch = b"[" + b",".join(chunk) + b"]"
         text = batch.decode()
         result = (
-            writer.write_fast(text, len(chunk), "size", time.time(), time.time(), pipeline.planner(batch))
+            writer.write_fast(text, len(chunk), "size", time.time(), time.time(), planner_of_states.planner(batch))
             if fast
             else None
         )
         if result is None:
-            result = writer.write(text, len(chunk), "size", time.time(), time.time(), pipeline.planner(batch))
+            result = writer.write(text, len(chunk), "size", time.time(), time.time(), planner_of_states.planner(batch))
         for j in range(len(chunk)):
             outcomes[i + j] = result.outcomes.get(j + 1, ("committed",))[0]
         i += size
@@ -96,15 +96,15 @@ intent_strategy = st.one_of(
 )
 def test_batched_writes_equal_one_by_one(db, intents, sizes):
     payloads = [record("p", seq, entity, kind, args) for seq, (entity, (kind, args)) in enumerate(intents)]
-    pipeline = Pipeline(BUILTIN)
+    planner_of_states = StatePlanner(BUILTIN)
     sizes = sizes + [len(payloads)]  # whatever is left goes in one last batch
 
     reset(db)
-    batched_outcomes = write_in_batches(db, pipeline, payloads, sizes, fast=True)
+    batched_outcomes = write_in_batches(db, planner_of_states, payloads, sizes, fast=True)
     batched = snapshot(db)
 
     reset(db)
-    single_outcomes = write_in_batches(db, Pipeline(BUILTIN), payloads, [1] * len(payloads))
+    single_outcomes = write_in_batches(db, StatePlanner(BUILTIN), payloads, [1] * len(payloads))
     single = snapshot(db)
 
     assert batched == single
@@ -119,7 +119,7 @@ def test_batched_writes_equal_one_by_one(db, intents, sizes):
 def test_poison_intent_dead_letters_alone_in_a_batch_of_857(db):
     db.execute("ALTER TABLE batchscheduler.entities ADD CONSTRAINT hp_cap CHECK ((state->>'hp')::int < 1000)")
     db.commit()
-    pipeline = Pipeline(BUILTIN)
+    planner_of_states = StatePlanner(BUILTIN)
     payloads = [record("w", 0, "troll", "spawn", {"state": {"hp": 10}})]
     payloads += [record("w", seq, "troll", "move", {"dx": 1, "dy": 0}) for seq in range(1, 428)]
     payloads += [record("w", 428, "troll", "heal", {"amount": 5000})]  # violates hp_cap
@@ -128,10 +128,15 @@ def test_poison_intent_dead_letters_alone_in_a_batch_of_857(db):
     batch = b"[" + b",".join(payloads) + b"]"
     writer = BatchWriter(db)
     with pytest.raises(psycopg.errors.CheckViolation):
-        writer.write(batch.decode(), 857, "size", time.time(), time.time(), pipeline.planner(batch))
+        writer.write(batch.decode(), 857, "size", time.time(), time.time(), planner_of_states.planner(batch))
     db.rollback()
     result = writer.write_isolated(
-        batch.decode(), [p.decode() for p in payloads], "size", time.time(), time.time(), pipeline.planner(batch)
+        batch.decode(),
+        [p.decode() for p in payloads],
+        "size",
+        time.time(),
+        time.time(),
+        planner_of_states.planner(batch),
     )
     assert result.outcomes == {429: ("dead_lettered", "constraint_violation", result.outcomes[429][2], False)}
     assert "hp_cap" in result.outcomes[429][2]
@@ -145,13 +150,13 @@ def test_handler_that_raises_dead_letters_only_its_intent(db):
     def explode(intent):
         raise RuntimeError("the dragon refuses")
 
-    pipeline = Pipeline(BUILTIN.extend({"explode": explode}))
+    planner_of_states = StatePlanner(BUILTIN.extend({"explode": explode}))
     payloads = [
         record("h", 1, "x", "spawn", {"state": {}}),
         record("h", 2, "x", "explode", {}),
         record("h", 3, "x", "say", {"text": "still here"}),
     ]
-    outcomes = write_in_batches(db, pipeline, payloads, [3])
+    outcomes = write_in_batches(db, planner_of_states, payloads, [3])
     assert outcomes == {0: "committed", 1: "dead_lettered", 2: "committed"}
     assert (
         db.execute("SELECT reason FROM batchscheduler.dead_letters").fetchone()[0] == "RuntimeError: the dragon refuses"
@@ -159,12 +164,12 @@ def test_handler_that_raises_dead_letters_only_its_intent(db):
 
 
 def test_resend_in_later_batch_is_not_applied_twice(db):
-    pipeline = Pipeline(BUILTIN)
+    planner_of_states = StatePlanner(BUILTIN)
     spawn = record("r", 1, "x", "spawn", {"state": {"hp": 1}})
     heal = record("r", 2, "x", "heal", {"amount": 5})
-    write_in_batches(db, pipeline, [spawn, heal], [2], fast=True)
-    assert pipeline.cache == {"x": ({"hp": 6}, 2)}
-    outcomes = write_in_batches(db, pipeline, [heal, heal], [2], fast=True)
+    write_in_batches(db, planner_of_states, [spawn, heal], [2], fast=True)
+    assert planner_of_states.cache == {"x": ({"hp": 6}, 2)}
+    outcomes = write_in_batches(db, planner_of_states, [heal, heal], [2], fast=True)
     assert outcomes == {0: "committed", 1: "committed"}
     assert snapshot(db) == {"x": {"hp": 6}}
 
@@ -173,7 +178,7 @@ def test_another_intent_under_a_stored_key_is_rejected_seq_reused_on_every_write
     """Same batch (the plain insert declines, the general write answers),
     and the intent-by-intent fallback: the record that only shares the key
     is rejected and applies nothing; the identical one is a duplicate."""
-    pipeline = Pipeline(BUILTIN)
+    planner_of_states = StatePlanner(BUILTIN)
     writer = BatchWriter(db)
     spawn = record("k", 1, "orc", "spawn", {"state": {"hp": 10}})
     damage = record("k", 2, "orc", "damage", {"amount": 3})
@@ -186,15 +191,15 @@ def test_another_intent_under_a_stored_key_is_rejected_seq_reused_on_every_write
     )
     batch = b"[" + b",".join([spawn, damage, heal]) + b"]"
     now = time.time()
-    assert writer.write_fast(batch.decode(), 3, "size", now, now, pipeline.planner(batch)) is None
-    result = writer.write(batch.decode(), 3, "size", now, now, pipeline.planner(batch))
+    assert writer.write_fast(batch.decode(), 3, "size", now, now, planner_of_states.planner(batch)) is None
+    result = writer.write(batch.decode(), 3, "size", now, now, planner_of_states.planner(batch))
     assert (result.new, result.outcomes) == (2, {3: reused})
     assert snapshot(db) == {"orc": {"hp": 7}}
 
     again = [heal, damage]
     batch = b"[" + b",".join(again) + b"]"
     result = writer.write_isolated(
-        batch.decode(), [r.decode() for r in again], "size", now, now, pipeline.planner(batch)
+        batch.decode(), [r.decode() for r in again], "size", now, now, planner_of_states.planner(batch)
     )
     assert (result.new, result.outcomes) == (0, {1: reused, 2: ("committed", "", "", True)})
     assert snapshot(db) == {"orc": {"hp": 7}}
@@ -203,9 +208,9 @@ def test_another_intent_under_a_stored_key_is_rejected_seq_reused_on_every_write
 
 
 def test_cached_path_notices_a_row_changed_behind_its_back(db):
-    pipeline = Pipeline(BUILTIN)
-    write_in_batches(db, pipeline, [record("s", 1, "x", "spawn", {"state": {"hp": 1}})], [1], fast=True)
-    assert "x" in pipeline.cache
+    planner_of_states = StatePlanner(BUILTIN)
+    write_in_batches(db, planner_of_states, [record("s", 1, "x", "spawn", {"state": {"hp": 1}})], [1], fast=True)
+    assert "x" in planner_of_states.cache
     db.execute("UPDATE batchscheduler.entities SET state = '{\"hp\": 50}', version = version + 1")
     db.commit()
     payload = record("s", 2, "x", "heal", {"amount": 5})
@@ -213,12 +218,14 @@ def test_cached_path_notices_a_row_changed_behind_its_back(db):
     writer = BatchWriter(db)
     # The optimistic write plans from the stale cache, the version check
     # fails, everything rolls back and the caller is told to read instead.
-    assert writer.write_fast(batch.decode(), 1, "time", time.time(), time.time(), pipeline.planner(batch)) is None
-    assert pipeline.cache == {}
+    assert (
+        writer.write_fast(batch.decode(), 1, "time", time.time(), time.time(), planner_of_states.planner(batch)) is None
+    )
+    assert planner_of_states.cache == {}
     assert snapshot(db) == {"x": {"hp": 50}}
     assert db.execute("SELECT count(*) FROM batchscheduler.intent_log").fetchone() == (1,)
     db.commit()
-    write_in_batches(db, pipeline, [payload], [1], fast=True)
+    write_in_batches(db, planner_of_states, [payload], [1], fast=True)
     assert snapshot(db) == {"x": {"hp": 55}}
 
 
