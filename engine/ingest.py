@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 # What msgspec raises on bytes it cannot turn into the expected type. Invalid
 # UTF-8 surfaces as UnicodeDecodeError or DecodeError depending on the msgspec
 # release; which one is never used to classify it (see _rejection).
-_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
+# A map used as a map key is DecodeError on recent releases and TypeError
+# ("unhashable type") on older ones: both are a frame we cannot decode.
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError, TypeError)
 
 # Drain deadlines nest inside the supervisor's (engine/supervisor.py): an
 # ingest gives up waiting for releases at this share of drain_timeout_s, the

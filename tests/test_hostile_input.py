@@ -1430,7 +1430,7 @@ def documented_reply(payload: bytes, packed: bool) -> Owed:
     if packed:
         try:
             value = msgspec.msgpack.decode(payload)  # a generic MessagePack reader
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError, TypeError):  # TypeError: a map as a key
             return rejected(*undecodable, client_id=ANY, seq=ANY)
     else:
         try:
