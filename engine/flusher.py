@@ -185,7 +185,9 @@ class FlusherProcess:
     # --------------------------------------------------------------------- loop
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        # Ctrl-C reaches the whole process group: the supervisor orders the
+        # drain and sends SIGTERM here once the ingests are done.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         self._read_config()
         try:
             self._writer()

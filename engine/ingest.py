@@ -39,6 +39,7 @@ from ipc import wire
 from ipc.control import Control
 from ipc.control import Flusher as F
 from ipc.control import Ingest as I
+from ipc.control import Worker as W
 from ipc.layout import record_size
 from ipc.ring import Ring
 from ipc.wakeup import Wakeup
@@ -198,7 +199,9 @@ class IngestProcess:
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.begin_drain)
-        loop.add_signal_handler(signal.SIGINT, self.begin_drain)
+        # Ctrl-C reaches the whole process group: the supervisor turns it into
+        # an ordered drain (SIGTERM to the ingests, then the flusher lanes).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         loop.add_reader(self.release_wake.fd, self.on_release)
         self._server = await loop.create_unix_server(lambda: Connection(self), sock=self.listener, backlog=1024)
         # Outcomes left by a predecessor belong to connections that are gone.
@@ -214,7 +217,8 @@ class IngestProcess:
         if self.draining:
             return
         self.draining = True
-        orphaned = os.getppid() != self.parent_pid
+        asked = self.control.workers[self.control.ingest_slot(self.index)].get(W.STOP_ASKED)
+        orphaned = os.getppid() != self.parent_pid or not asked
         deadline = ORPHAN_DRAIN_S if orphaned else self.options.drain_timeout_s * DRAIN_SHARE
         log.info(
             "ingest %d draining%s: %d awaiting release, %d connections; deadline %.1fs",

@@ -120,7 +120,7 @@ def snapshot(control: Control) -> dict:
         out["ingests"].append({name: values[j] for j, name in _INGEST_NAMES.items()})
     workers = []
     for slot, counters in enumerate(control.workers):
-        pid, restarts, last_exit, _ = counters.snapshot()
+        pid, restarts, last_exit = counters.snapshot()[:3]
         lanes = control.map.lanes
         workers.append(
             {

@@ -133,7 +133,7 @@ class EngineCollector:
         )
         rss = GaugeMetricFamily("batchscheduler_worker_rss_bytes", "Resident memory per worker.", labels=["role"])
         for slot, w in enumerate(c.workers):
-            pid, restarts_n, _, _ = w.snapshot()
+            pid, restarts_n = w.snapshot()[:2]
             role = f"flusher {slot}" if slot < c.map.lanes else f"ingest {slot - c.map.lanes}"
             restarts_w.add_metric([role], restarts_n)
             if pid:

@@ -387,6 +387,7 @@ class Supervisor:
         handle.restart_at = None
         handle.kill_deadline = None
         slot = self.control.workers[handle.slot]
+        slot.set(W.STOP_ASKED, 0)
         slot.set(W.PID, handle.proc.pid)
         slot.set(W.STARTED_NS, time.time_ns())
         log.info("started %s (pid %d)", handle.name, handle.proc.pid)
@@ -439,6 +440,7 @@ class Supervisor:
     def _terminate(self, handle: WorkerHandle) -> None:
         """SIGTERM now, SIGKILL if still running after the drain timeout."""
         if handle.proc is not None and handle.proc.returncode is None:
+            self.control.workers[handle.slot].set(W.STOP_ASKED, 1)
             handle.proc.send_signal(signal.SIGTERM)
             handle.kill_deadline = time.monotonic() + self.options.drain_timeout_s
 
@@ -522,6 +524,7 @@ class Supervisor:
         for handle in group:
             handle.restart_at = None
             if handle.proc is not None and handle.proc.returncode is None:
+                self.control.workers[handle.slot].set(W.STOP_ASKED, 1)
                 handle.proc.send_signal(signal.SIGTERM)
         clean = True
         for handle in group:

@@ -91,7 +91,12 @@ class Worker:
     RESTARTS = 1
     LAST_EXIT = 2  # raw returncode of the last exit (negative = signal)
     STARTED_NS = 3
-    COUNT = 4
+    # 1 once the supervisor asked this worker to stop (drain, recycling):
+    # a SIGTERM without it is the kernel's parent-death signal. (getppid()
+    # cannot tell: while the dying supervisor's other threads live, the
+    # worker is reparented to one of them, under the same pid.)
+    STOP_ASKED = 4
+    COUNT = 5
 
 
 _CONFIG_OFFSET = 0
