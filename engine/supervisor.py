@@ -437,11 +437,16 @@ class Supervisor:
                 )
                 self._terminate(handle)
 
+    def _ask_to_stop(self, handle: WorkerHandle) -> None:
+        """SIGTERM a worker, marked as ours first: a SIGTERM without the mark
+        is the parent-death signal (engine.ingest.begin_drain)."""
+        self.control.workers[handle.slot].set(W.STOP_ASKED, 1)
+        handle.proc.send_signal(signal.SIGTERM)
+
     def _terminate(self, handle: WorkerHandle) -> None:
         """SIGTERM now, SIGKILL if still running after the drain timeout."""
         if handle.proc is not None and handle.proc.returncode is None:
-            self.control.workers[handle.slot].set(W.STOP_ASKED, 1)
-            handle.proc.send_signal(signal.SIGTERM)
+            self._ask_to_stop(handle)
             handle.kill_deadline = time.monotonic() + self.options.drain_timeout_s
 
     # ------------------------------------------------------------------- loop
@@ -524,8 +529,7 @@ class Supervisor:
         for handle in group:
             handle.restart_at = None
             if handle.proc is not None and handle.proc.returncode is None:
-                self.control.workers[handle.slot].set(W.STOP_ASKED, 1)
-                handle.proc.send_signal(signal.SIGTERM)
+                self._ask_to_stop(handle)
         clean = True
         for handle in group:
             if handle.proc is None:

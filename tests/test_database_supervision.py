@@ -16,15 +16,13 @@ import psutil
 import pytest
 from conftest import RUN_ENGINE, query, wait_for
 
+from engine.client import control as client_control
+
 pytestmark = pytest.mark.slow
 
 
 def control(engine, op: str) -> dict:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(engine.socket))
-        s.sendall(json.dumps({"op": op}).encode() + b"\n")
-        return json.loads(s.makefile("rb").readline())
+    return client_control(engine.socket, op, timeout=10)
 
 
 def postmaster(engine) -> psutil.Process:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from conftest import ROOT, query, wait_for
 
-from engine.client import AsyncClient, Client
+from engine.client import AsyncClient, Client, control
 from engine.intent import COMMITTED
 
 
@@ -284,11 +284,7 @@ def test_sigterm_drains_replies_and_leaves_nothing(engine_factory):
 
 
 def _op(eng, op: str) -> dict:
-    with socket.socket(socket.AF_UNIX) as s:
-        s.connect(str(eng.socket))
-        s.settimeout(10)
-        s.sendall(b'{"op":"%s"}\n' % op.encode())
-        return json.loads(s.makefile("rb").readline())
+    return control(eng.socket, op, timeout=10)
 
 
 def _restarted(eng, role: str, old_pid: int) -> bool:

@@ -12,6 +12,7 @@ import time
 import pytest
 from conftest import query, start_engine, wait_for
 
+from engine.client import control
 from engine.lanes import lane_of
 
 pytestmark = pytest.mark.slow
@@ -61,16 +62,7 @@ def test_dead_letters_read_before_their_release_are_answered_dead_lettered(engin
         )
         sock.sendall(payload)
 
-        def all_in_ring():
-            rows = query(engine.dsn, "SELECT 1")  # the database is up meanwhile
-            assert rows
-            with socket.socket(socket.AF_UNIX) as probe:
-                probe.connect(str(engine.socket))
-                probe.sendall(b'{"op":"metrics"}\n')
-                body = json.loads(probe.makefile("rb").readline())
-            return sum(i.get("received", 0) for i in body.get("ingests", [])) >= n + 1
-
-        wait_for(all_in_ring, 30, "every intent in the ring")
+        wait_for(lambda: _received(engine) >= n + 1, 30, "every intent in the ring")
         ingest.send_signal(signal.SIGSTOP)
     finally:
         flusher.send_signal(signal.SIGCONT)
@@ -153,11 +145,7 @@ def test_drain_answers_the_backlog_busy_at_once_and_commits_the_ring(engine_fact
 
 
 def _ring_full(engine) -> bool:
-    with socket.socket(socket.AF_UNIX) as probe:
-        probe.connect(str(engine.socket))
-        probe.sendall(b'{"op":"metrics"}\n')
-        body = json.loads(probe.makefile("rb").readline())
-    return any(i.get("paused") for i in body.get("ingests", []))
+    return any(i["paused"] for i in control(engine.socket, "metrics")["ingests"])
 
 
 def test_ingests_of_a_dead_supervisor_let_their_clients_go_at_once(short_tmp, dsn):
@@ -199,11 +187,7 @@ def test_ingests_of_a_dead_supervisor_let_their_clients_go_at_once(short_tmp, ds
 
 
 def _received(engine) -> int:
-    with socket.socket(socket.AF_UNIX) as probe:
-        probe.connect(str(engine.socket))
-        probe.sendall(b'{"op":"metrics"}\n')
-        body = json.loads(probe.makefile("rb").readline())
-    return sum(i["received"] for i in body["ingests"])
+    return sum(i["received"] for i in control(engine.socket, "metrics")["ingests"])
 
 
 def test_a_drain_right_after_a_failed_fast_write_exits_0(engine_factory):
