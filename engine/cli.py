@@ -5,10 +5,10 @@ options."""
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
+from engine import logs
 from engine import options as opts
 from engine.errors import ConfigError, StartupError
 from engine.options import FIELDS, HELP, PRESETS
@@ -70,11 +70,7 @@ def run_engine_main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         _say(sys.stderr, f"run_engine: configuration error: {exc}")
         return 2
-    logging.basicConfig(
-        level=options.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s batchscheduler: supervisor [%(levelname)s] %(name)s: %(message)s",
-    )
+    logs.configure(options.log_level, options.log_format, "batchscheduler: supervisor")
     from setproctitle import setproctitle
 
     from engine.supervisor import Supervisor

@@ -20,6 +20,7 @@ turns that into "duplicate" and the stored outcome is replied.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import select
@@ -402,7 +403,10 @@ class FlusherProcess:
             ord_base += k
         self.batch_no += 1
         self._account(result, len(job.parts), job.reason, latency_s)
-        metrics.record_batch(self.histograms, result.new, now_ns - np.array(arrivals, dtype=np.int64), job.write_s)
+        dead_codes = collections.Counter(o[1] for o in result.outcomes.values() if o[0] == DEAD_LETTERED and not o[3])
+        metrics.record_batch(
+            self.histograms, result.new, now_ns - np.array(arrivals, dtype=np.int64), job.write_s, dead_codes
+        )
 
     def _check_idle_connection(self) -> None:
         """While idle, notice a lost connection (the server sends EOF or a

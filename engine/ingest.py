@@ -206,6 +206,7 @@ class IngestProcess:
         self._server = await loop.create_unix_server(lambda: Connection(self), sock=self.listener, backlog=1024)
         # Outcomes left by a predecessor belong to connections that are gone.
         self.on_release()
+        self._set_paused(False)  # a pause a killed predecessor left open ends here
         self.counters.set(I.READY_NS, time.time_ns())
         await self._stop.wait()
         loop.remove_reader(self.release_wake.fd)
@@ -257,7 +258,7 @@ class IngestProcess:
                 )
             conn.flush()
         self.blocked.clear()
-        self.counters.set(I.PAUSED, 0)
+        self._set_paused(False)
 
     def _maybe_finish_drain(self) -> None:
         if self.draining and not self.awaiting() and not self.blocked:
@@ -398,7 +399,7 @@ class IngestProcess:
             if conn.backlog and conn not in self.blocked:
                 self.blocked.append(conn)
                 conn.pause("ring")
-                self.counters.set(I.PAUSED, 1)
+                self._set_paused(True)
             if conn.in_flight >= self.options.max_in_flight_per_connection:
                 conn.pause("inflight")
         if rejected:
@@ -574,7 +575,20 @@ class IngestProcess:
             else:
                 break
         if not blocked:
-            self.counters.set(I.PAUSED, 0)
+            self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> None:
+        """Keep ``PAUSED`` and the backpressure time: a pause's length is
+        added when it ends; ``PAUSED_SINCE_NS`` lets a reader add the one
+        still running (and a restarted ingest close one its predecessor left)."""
+        c = self.counters
+        since = c.get(I.PAUSED_SINCE_NS)
+        if paused and not since:
+            c.set(I.PAUSED_SINCE_NS, time.monotonic_ns())
+        elif not paused and since:
+            c.add(I.BACKPRESSURE_US, (time.monotonic_ns() - since) // 1000)
+            c.set(I.PAUSED_SINCE_NS, 0)
+        c.set(I.PAUSED, int(paused))
 
     def health(self) -> dict:
         return metrics.health(self.control, draining=self.draining)

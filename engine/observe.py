@@ -19,7 +19,6 @@ import http.server
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -50,19 +49,24 @@ def _histogram_family(h: Histogram, lanes: list[list[int]], label: str = "lane")
 
 
 class EngineCollector:
-    """A prometheus_client collector over one engine's shared memory."""
+    """A prometheus_client collector over one engine's shared memory.
 
-    def __init__(self, control: Control, *, started: float, version: str, draining: Callable[[], bool]) -> None:
+    ``health`` is the supervisor's ``/health`` body (for database state),
+    ``alerts`` its alert flags (``engine.alerts.Alerts.firing``)."""
+
+    def __init__(
+        self, control: Control, *, started: float, health: Callable[[], dict], alerts: Callable[[], dict]
+    ) -> None:
         self.control = control
         self.started = started
-        self.version = version
-        self.draining = draining
+        self.health = health
+        self.alerts = alerts
 
     def collect(self) -> Iterator[Metric]:
         c = self.control
         lanes = [f.snapshot() for f in c.flushers]
         ingests = [i.snapshot() for i in c.ingest]
-        health = metrics.health(c, draining=self.draining())
+        health = self.health()
 
         intents = CounterMetricFamily(
             "batchscheduler_intents", "Intents answered, by the status of their reply.", labels=["status"]
@@ -72,6 +76,13 @@ class EngineCollector:
         intents.add_metric(["duplicate"], sum(f[F.DUPLICATES] for f in lanes))
         intents.add_metric(["rejected"], sum(i[I.REJECTED] for i in ingests))
         yield intents
+
+        dead = CounterMetricFamily(
+            "batchscheduler_dead_letters", "Intents dead-lettered, by reply code.", labels=["code"]
+        )
+        for code, n in metrics.dead_letters_by_code(c).items():
+            dead.add_metric([code], n)
+        yield dead
 
         batches = CounterMetricFamily(
             "batchscheduler_batches", "Committed batches that stored intents, by lane and cut.", labels=["lane", "cut"]
@@ -127,6 +138,14 @@ class EngineCollector:
             paused.add_metric([str(i)], v[I.PAUSED])
         yield in_flight
         yield paused
+        paused_s = CounterMetricFamily(
+            "batchscheduler_backpressure_seconds",
+            "Time the ingest spent not reading because a ring was full.",
+            labels=["ingest"],
+        )
+        for i, v in enumerate(ingests):
+            paused_s.add_metric([str(i)], metrics.backpressure_s(v))
+        yield paused_s
 
         restarts_w = CounterMetricFamily(
             "batchscheduler_worker_restarts", "Worker restarts by the supervisor.", labels=["role"]
@@ -134,7 +153,7 @@ class EngineCollector:
         rss = GaugeMetricFamily("batchscheduler_worker_rss_bytes", "Resident memory per worker.", labels=["role"])
         for slot, w in enumerate(c.workers):
             pid, restarts_n = w.snapshot()[:2]
-            role = f"flusher {slot}" if slot < c.map.lanes else f"ingest {slot - c.map.lanes}"
+            role = metrics.role_of(c, slot)
             restarts_w.add_metric([role], restarts_n)
             if pid:
                 try:
@@ -144,8 +163,15 @@ class EngineCollector:
         yield restarts_w
         yield rss
 
+        firing = GaugeMetricFamily(
+            "batchscheduler_alert_firing", "1 while the alert fires (thresholds: /health alerts).", labels=["alert"]
+        )
+        for name, on in self.alerts().items():
+            firing.add_metric([name], 1.0 if on else 0.0)
+        yield firing
+
         info = GaugeMetricFamily("batchscheduler_build_info", "The engine's version.", labels=["version"])
-        info.add_metric([self.version], 1)
+        info.add_metric([metrics.VERSION], 1)
         yield info
         start = GaugeMetricFamily("batchscheduler_start_time_seconds", "When the supervisor started (Unix time).")
         start.add_metric([], self.started)
@@ -157,11 +183,18 @@ class ObservabilityServer:
     thread of the supervisor. ``/health`` answers 200 when healthy, 503
     when not, with the JSON of ``health()``."""
 
-    def __init__(self, host: str, port: int, control: Control, health: Callable[[], dict], version: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        control: Control,
+        *,
+        health: Callable[[], dict],
+        alerts: Callable[[], dict],
+        started: float,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = EngineCollector(
-            control, started=time.time(), version=version, draining=lambda: bool(health().get("draining"))
-        )
+        self.collector = EngineCollector(control, started=started, health=health, alerts=alerts)
         self.registry.register(self.collector)  # type: ignore[arg-type]
         registry, health_fn = self.registry, health
 
@@ -204,12 +237,3 @@ class ObservabilityServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(5)
-
-
-def version() -> str:
-    try:
-        from importlib.metadata import version as dist_version
-
-        return dist_version("batchscheduler")
-    except Exception:  # noqa: BLE001 - a checkout without an installed distribution
-        return "unknown"

@@ -84,9 +84,21 @@ class Options(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """NOTIFY ``batchscheduler_batches`` with each committed batch id (the
     in-process event bus of ``BatchScheduler`` turns this on)."""
     log_level: str = "INFO"
+    log_format: str = "text"
+    """``text`` (one readable line per record) or ``json`` (one object per line)."""
+    stats_interval_s: float = 10.0
+    """The supervisor logs one INFO stats line this often; 0 turns it off."""
     metrics_addr: str = "127.0.0.1:9187"
     """Where /metrics (Prometheus) and /health (JSON) are served: HOST:PORT
     (loopback by default; port 0 picks a free one) or ``off``."""
+
+    # --- alerts (the seed's "Alerting Thresholds"; engine.alerts) ------------
+    alert_error_rate: float = 0.01
+    alert_error_rate_for_s: float = 300.0
+    alert_latency_p95_ms: float = 50.0
+    alert_latency_for_s: float = 600.0
+    alert_flush_failures: int = 3
+    alert_memory_ratio: float = 0.8
 
     def replace(self, **changes: Any) -> Options:
         """A validated copy with ``changes`` applied."""
@@ -112,6 +124,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 def _check(ok: bool, field: str, value: Any, why: str) -> None:
@@ -209,6 +222,20 @@ def _validate(o: Options) -> None:
     except ValueError as exc:
         raise ConfigError("metrics_addr", o.metrics_addr, str(exc)) from None
     _check(o.log_level.upper() in _LOG_LEVELS, "log_level", o.log_level, f"must be one of {', '.join(_LOG_LEVELS)}")
+    _check(o.log_format in LOG_FORMATS, "log_format", o.log_format, f"must be one of {', '.join(LOG_FORMATS)}")
+    _check(
+        o.stats_interval_s == 0 or 1 <= o.stats_interval_s <= 86_400,
+        "stats_interval_s",
+        o.stats_interval_s,
+        "must be 0 (off) or between 1 and 86400 seconds",
+    )
+    _check(0 < o.alert_error_rate < 1, "alert_error_rate", o.alert_error_rate, "must be a fraction between 0 and 1")
+    _check(o.alert_latency_p95_ms > 0, "alert_latency_p95_ms", o.alert_latency_p95_ms, "must be > 0 milliseconds")
+    for name in ("alert_error_rate_for_s", "alert_latency_for_s"):
+        value = getattr(o, name)
+        _check(1 <= value <= 86_400, name, value, "must be between 1 and 86400 seconds")
+    _check(o.alert_flush_failures >= 1, "alert_flush_failures", o.alert_flush_failures, "must be >= 1")
+    _check(0 < o.alert_memory_ratio <= 1, "alert_memory_ratio", o.alert_memory_ratio, "must be a fraction > 0 and <= 1")
 
 
 FIELDS: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Options)}
@@ -408,5 +435,15 @@ HELP: dict[str, str] = {
     "apply_state": "apply handlers' state changes (false: log intents only)",
     "notify_batches": "NOTIFY batchscheduler_batches after each batch (for event-bus listeners)",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "text (readable lines) or json (one object per line, for log shippers)",
+    "stats_interval_s": "log one INFO stats line (committed/s, p50/p99, batch average, ring fill, breaker) this "
+    "often; 0: never",
+    "alert_error_rate": "alert when the dead-lettered fraction over alert_error_rate_for_s exceeds this (seed: 0.01)",
+    "alert_error_rate_for_s": "the error-rate alert's window in seconds (seed: 300)",
+    "alert_latency_p95_ms": "alert when p95 received->committed latency over alert_latency_for_s exceeds this "
+    "(seed: 50)",
+    "alert_latency_for_s": "the latency alert's window in seconds (seed: 600)",
+    "alert_flush_failures": "alert when a lane's consecutive failed batch writes exceed this (seed: 3)",
+    "alert_memory_ratio": "alert when a worker's RSS exceeds this fraction of worker_rss_limit_mb (seed: 0.8)",
     "metrics_addr": "HOST:PORT of the /metrics and /health HTTP endpoints (loopback; port 0: any free one), or off",
 }

@@ -8,7 +8,9 @@ in the backlog instead of being refused.
 
 Watching: each worker's pidfd is in one ``selectors`` set with a self-pipe
 (stop requests, signals), so a worker exit wakes the supervisor at once; RSS
-is sampled with psutil once a second. A crashed worker is restarted after an
+is sampled with psutil once a second, and on the same tick the alerts are
+evaluated (engine.alerts) and, every ``stats_interval_s``, the stats line is
+logged. A crashed worker is restarted after an
 exponential backoff (0.1 s doubling to 5 s, reset once a worker stayed up
 10 s); one over ``worker_rss_limit_mb`` is asked to drain (SIGTERM) and
 restarted. Exit codes are logged as signal names.
@@ -38,8 +40,9 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from engine import handlers
+from engine import handlers, metrics
 from engine import options as opts
+from engine.alerts import Alerts
 from engine.errors import StartupError
 from engine.metrics import exit_name
 from engine.options import Options
@@ -125,6 +128,10 @@ class Supervisor:
         self._pg_pidfd: int | None = None
         self._pg_backoff = Backoff(initial=0.2, maximum=5.0, stable_s=10.0)
         self._pg_restart_at: float | None = None
+        self.alerts = Alerts(options)
+        self.started_wall = time.time()
+        self._stats_at: float | None = None  # next stats line (monotonic)
+        self._stats_from: tuple[float, metrics.Sample] | None = None
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
@@ -156,6 +163,11 @@ class Supervisor:
         self.control = Control(self.segment.buf, smap, create=True)
         self._write_config(o)
         self.control.config.set(Config.DATABASE, 1)
+        self.control.config.set(Config.STARTED_NS, int(self.started_wall * 1e9))
+        # The zero point of every window (alerts, stats): nothing has happened yet.
+        baseline = metrics.sample(self.control)
+        self.alerts.history.append((time.monotonic(), baseline))
+        self._stats_from = (time.monotonic(), baseline)
         self.data_wakes = [Wakeup() for _ in range(o.lanes)]
         self.release_wakes = [Wakeup() for _ in range(o.ingests)]
         self.listener = self._listen()
@@ -172,14 +184,11 @@ class Supervisor:
         addr = opts.parse_addr(self.options.metrics_addr)
         if addr is None:
             return
-        from engine import metrics, observe
+        from engine import observe
 
         try:
             self.observability = observe.ObservabilityServer(
-                *addr,
-                self.control,
-                health=lambda: {**metrics.health(self.control, draining=self.draining), "workers": self._workers()},
-                version=observe.version(),
+                *addr, self.control, health=self.health, alerts=self.alerts.firing, started=self.started_wall
             )
         except OSError as exc:
             raise StartupError(
@@ -418,8 +427,11 @@ class Supervisor:
             handle.restarts,
         )
 
-    def _check_memory(self) -> None:
+    def _check_memory(self) -> float:
+        """Recycle a worker over the RSS limit; returns the largest RSS as a
+        fraction of the limit (for the memory alert)."""
         limit = self.options.worker_rss_limit_mb << 20
+        worst = 0.0
         for handle in self.workers:
             proc = handle.proc
             if proc is None or proc.returncode is not None or handle.kill_deadline is not None:
@@ -428,6 +440,7 @@ class Supervisor:
                 rss = psutil.Process(proc.pid).memory_info().rss
             except psutil.NoSuchProcess:
                 continue
+            worst = max(worst, rss / limit)
             if rss > limit:
                 log.error(
                     "%s uses %d MiB RSS > worker_rss_limit_mb=%d; recycling it",
@@ -436,6 +449,31 @@ class Supervisor:
                     self.options.worker_rss_limit_mb,
                 )
                 self._terminate(handle)
+        return worst
+
+    def _every_second(self, now: float) -> None:
+        """Memory limits, alerts, and (every ``stats_interval_s``) the stats line."""
+        rss_ratio = self._check_memory()
+        sample = metrics.sample(self.control)
+        self.alerts.evaluate(sample, rss_ratio=rss_ratio, now=now)
+        interval = self.options.stats_interval_s
+        if not interval:
+            return
+        if self._stats_from is None:
+            self._stats_from = (now, sample)
+        elif now - self._stats_from[0] >= interval:
+            text, fields = metrics.stats_line(self._stats_from[1], sample, now - self._stats_from[0])
+            log.info("%s", text, extra={"stats": fields})
+            self._stats_from = (now, sample)
+
+    def health(self) -> dict:
+        """The HTTP ``/health`` body: ``metrics.health`` plus workers, alerts, uptime and version."""
+        body = metrics.health(self.control, draining=self.draining)
+        body["alerts"] = self.alerts.state()
+        body["workers"] = self._workers()
+        body["uptime_s"] = round(time.time() - self.started_wall, 3)
+        body["version"] = metrics.VERSION
+        return body
 
     def _ask_to_stop(self, handle: WorkerHandle) -> None:
         """SIGTERM a worker, marked as ours first: a SIGTERM without the mark
@@ -482,7 +520,7 @@ class Supervisor:
                 if self._pg_restart_at is not None and now >= self._pg_restart_at:
                     self._restart_database()
                 if now >= next_rss:
-                    self._check_memory()
+                    self._every_second(now)
                     next_rss = now + RSS_CHECK_INTERVAL_S
             self.exit_code = self._drain()
         finally:

@@ -53,11 +53,9 @@ def main() -> int:
     from engine.options import from_mapping
 
     options = from_mapping(spec.options, source="supervisor")
-    logging.basicConfig(
-        level=options.log_level.upper(),
-        stream=sys.stderr,
-        format=f"%(asctime)s {name} [%(levelname)s] %(name)s: %(message)s",
-    )
+    from engine import logs
+
+    logs.configure(options.log_level, options.log_format, name)
     signal_on_parent_death(signal.SIGTERM, spec.supervisor_pid)
 
     import gc

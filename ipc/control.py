@@ -43,7 +43,8 @@ class Config:
     MIN_BATCH = 5
     DATABASE = 6  # the supervisor's view of the database process: 1 up, 0 down (restarting)
     DB_RESTARTS = 7  # times the supervisor restarted the embedded PostgreSQL
-    COUNT = 8
+    STARTED_NS = 8  # wall time the supervisor started (uptime, in every report)
+    COUNT = 10
 
 
 class Flusher:
@@ -81,7 +82,9 @@ class Ingest:
     REPLIES = 4
     PAUSED = 5  # 1 while reading is paused by a full ring
     READY_NS = 6  # wall time this ingest started serving
-    COUNT = 8
+    BACKPRESSURE_US = 7  # time spent paused on a full ring, ended pauses only
+    PAUSED_SINCE_NS = 8  # CLOCK_MONOTONIC when the current pause began; 0 when not paused
+    COUNT = 10
 
 
 class Worker:

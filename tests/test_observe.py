@@ -14,7 +14,9 @@ import pytest
 from conftest import query, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.client import Client
+from engine import alerts
+from engine.client import Client, control
+from engine.codes import REPLY_CODES
 from engine.intent import COMMITTED
 from engine.options import parse_addr
 
@@ -77,6 +79,13 @@ def test_metrics_give_the_databases_exact_counts_and_histograms_add_up(engine_fa
         assert buckets == sorted(buckets)
     assert value(m["batchscheduler_database_up"], "batchscheduler_database_up") == 1
     assert {s.labels["role"] for s in m["batchscheduler_worker_rss_bytes"]} == engine.roles()
+    by_code = dict(query(engine.dsn, "SELECT code, count(*) FROM batchscheduler.dead_letters GROUP BY code"))
+    assert by_code == {"no_such_entity": 7}
+    dead = m["batchscheduler_dead_letters"]
+    assert {s.labels["code"]: s.value for s in dead if s.value} == by_code
+    assert {s.labels["code"] for s in dead} == {c for c, st in REPLY_CODES.items() if st == "dead_lettered"}
+    assert {s.labels["alert"] for s in m["batchscheduler_alert_firing"]} == set(alerts.NAMES)
+    assert value(m["batchscheduler_backpressure_seconds"], "batchscheduler_backpressure_seconds_total") >= 0
 
 
 def test_a_killed_worker_loses_no_count_and_counts_nothing_twice(engine_factory):
@@ -129,3 +138,71 @@ def test_metrics_off_serves_nothing(engine_factory):
         s.connect(str(engine.socket))
         s.sendall(b'{"op":"ping"}\n')
         assert json.loads(s.makefile("rb").readline())["status"] == "ok"
+
+
+def _alert(engine, name: str) -> dict:
+    return next(a for a in health(engine)[1]["alerts"] if a["name"] == name)
+
+
+def test_error_rate_alert_fires_and_clears_once_each_in_health_metrics_and_log(engine_factory):
+    engine = engine_factory("--lanes", "1", "--alert-error-rate-for-s", "2", "--stats-interval-s", "1")
+    assert _alert(engine, "error_rate")["firing"] is False
+    with Client(engine.socket, client_id="al", first_seq=1, timeout=60) as client:
+        client.submit_many([client.intent("nobody", "move", {"dx": 1, "dy": 0}) for _ in range(20)])
+        fired = wait_for(lambda: (a := _alert(engine, "error_rate"))["firing"] and a, 20, "error_rate to fire")
+        assert fired["value"] > fired["threshold"] == 0.01 and fired["since"].endswith("Z")
+        m = scrape(engine)
+        assert value(m["batchscheduler_alert_firing"], "batchscheduler_alert_firing", alert="error_rate") == 1
+        assert health(engine)[0] == 200  # an alert is not unhealth: nothing is down
+        client.submit(client.intent("al", "spawn", {}))
+        # Healthy traffic for longer than the window: the rate falls to 0.
+        wait_for(
+            lambda: (
+                client.submit(client.intent("al", "say", {"text": "x"})) and not _alert(engine, "error_rate")["firing"]
+            ),
+            30,
+            "error_rate to clear",
+        )
+    log = engine.log()
+    assert log.count("alert error_rate firing") == 1
+    assert log.count("alert error_rate cleared") == 1
+    assert "stats: " in log and " committed/s" in log and "breaker closed" in log
+
+
+def test_memory_alert_compares_worker_rss_with_the_limit(engine_factory):
+    engine = engine_factory("--alert-memory-ratio", "0.001")
+    fired = wait_for(lambda: (a := _alert(engine, "memory"))["firing"] and a, 20, "memory to fire")
+    assert 0.001 < fired["value"] < 1
+    assert _alert(engine, "flush_failures") == {
+        **_alert(engine, "flush_failures"),
+        "firing": False,
+        "value": 0.0,
+        "threshold": 3,
+    }
+
+
+def test_json_logs_are_one_object_per_line_with_the_stats_figures(engine_factory):
+    engine = engine_factory("--log-format", "json", "--stats-interval-s", "1")
+    with Client(engine.socket, client_id="js", first_seq=1, timeout=60) as client:
+        client.submit(client.intent("js", "spawn", {}))
+    wait_for(lambda: '"stats"' in engine.log(), 20, "a stats line")
+    assert engine.stop() == 0  # the workers log as they exit
+    records = [json.loads(line) for line in engine.log().splitlines() if line.strip()]
+    assert {"time", "level", "process", "pid", "logger", "message"} <= set(records[0])
+    assert {r["process"] for r in records} >= {"batchscheduler: supervisor", "batchscheduler: ingest 0"}
+    stats = next(r["stats"] for r in records if "stats" in r)
+    assert set(stats) >= {"committed_per_s", "latency_p50_ms", "latency_p99_ms", "batch_avg", "ring_fill", "breaker"}
+
+
+def test_socket_metrics_speak_seconds_iso_times_and_state_names(engine):
+    with Client(engine.socket, client_id="rd", first_seq=1, timeout=60) as client:
+        client.submit(client.intent("rd", "spawn", {}))
+    m = control(engine.socket, "metrics")
+    assert m["uptime_s"] > 0 and m["started_at"].endswith("Z") and m["version"]
+    assert m["time_window_s"] == 0.01 and m["max_batch_size"] == 857
+    assert m["flusher"]["breaker"] == "closed" and m["flusher"]["db_connected"] is True
+    assert m["flusher"]["last_flush_at"].endswith("Z") and isinstance(m["flusher"]["latency_ewma_s"], float)
+    assert not any(key.endswith(("_ns", "_us")) for key in (*m["flusher"], *m["ingests"][0]))
+    assert m["answered_by"]["role"] == "ingest 0"
+    assert 0 < m["commit_latency_s"]["p50"] <= m["commit_latency_s"]["p99"]
+    assert m["ingests"][0]["paused"] is False and m["ingests"][0]["backpressure_s"] >= 0

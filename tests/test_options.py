@@ -196,3 +196,17 @@ def test_an_empty_dsn_is_an_error_not_the_embedded_database(source):
 def test_the_default_socket_lives_in_the_data_directory():
     assert opts.socket_path(opts.from_mapping({"data_dir": "/tmp/x"})) == "/tmp/x/engine.sock"
     assert opts.socket_path(opts.from_mapping({"data_dir": "/tmp/x", "socket": "/tmp/s.sock"})) == "/tmp/s.sock"
+
+
+def test_the_readme_options_table_lists_every_option_with_its_flag():
+    """A new option cannot ship undocumented: README.md's Options table has
+    one row per field, naming its flag."""
+    import re
+    from pathlib import Path
+
+    from engine.options import FIELDS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z0-9_]+)` \| `(--[a-z0-9-]+)[^`]*` \|", readme, flags=re.M))
+    assert set(rows) == set(FIELDS)
+    assert all(flag == "--" + name.replace("_", "-") for name, flag in rows.items())

@@ -122,6 +122,9 @@ def test_drain_answers_the_backlog_busy_at_once_and_commits_the_ring(engine_fact
     try:
         _send_lines(sock, "drain", 1, n)
         wait_for(lambda: _ring_full(engine), 20, "the ring to fill")
+        # The pause still running counts as backpressure time (metrics).
+        first = _backpressure_s(engine)
+        wait_for(lambda: _backpressure_s(engine) > first, 10, "backpressure time to grow while paused")
         engine.proc.send_signal(signal.SIGTERM)
         # The backlog is answered while the flusher is still stopped.
         wait_for(lambda: any(r["status"] == "busy" for r in replies.values()), 10, "busy replies during the drain")
@@ -184,6 +187,10 @@ def test_ingests_of_a_dead_supervisor_let_their_clients_go_at_once(short_tmp, ds
         w.wait(10)
     engine.close_pipes()
     engine.socket.unlink(missing_ok=True)
+
+
+def _backpressure_s(engine) -> float:
+    return sum(i["backpressure_s"] for i in control(engine.socket, "metrics")["ingests"])
 
 
 def _received(engine) -> int:
