@@ -6,11 +6,14 @@ lane writes its entities. Loop (the main thread, no spinning): scan what the
 ingests published, apply the dual condition (``policy.decide_cut``), and
 either cut a batch or sleep on the lane's eventfd for exactly the time left in
 the window. A cut takes records from the rings in a fixed rotation (ring ``b
-mod N`` first for batch ``b``, so no ring starves), writes them (a writer
-thread overlaps batch k's database round trip with batch k+1's planning), and
-only after COMMIT returns: hands every outcome to the ingests
+mod N`` first for batch ``b``, so no ring starves) and has the lane store
+plan it; the store commits it (``persistence.lane_store``: connection, SQL,
+fallback chain and entity-cache rule; a writer thread overlaps batch k's
+commit with cutting and planning batch k+1); and only after COMMIT returns
+the flusher acknowledges: hands every outcome to the ingests
 (``engine.handoff``), then advances each ring's release cursor and wakes the
-ingests to reply.
+ingests to reply. So the loop reads scan -> cut -> commit -> acknowledge;
+this module imports no database driver.
 
 A flusher killed at any point loses nothing: the records stay in the rings
 until the release cursor passes them, and its successor starts there.
@@ -23,12 +26,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
-import select
 import signal
 import time
 
 import numpy as np
-import psycopg
 
 from engine import metrics, policy
 from engine.handoff import OutcomeOutbox
@@ -39,7 +40,7 @@ from ipc.control import Config, Control
 from ipc.control import Flusher as F
 from ipc.ring import Run
 from ipc.wakeup import Wakeup
-from persistence.writer import BatchWriter, WriteResult, is_connection_error
+from persistence.lane_store import ISOLATED, OPTIMISTIC, BatchWrite, DatabaseUnavailable, LaneStore, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -79,36 +80,16 @@ class _Pending:
 class _Job:
     """One cut batch on its way to the database."""
 
-    __slots__ = (
-        "batch",
-        "cut_wall",
-        "fast",
-        "first_ns",
-        "first_wall",
-        "parts",
-        "plan",
-        "planner",
-        "reason",
-        "skip",
-        "takes",
-        "text",
-        "write_s",
-    )
+    __slots__ = ("first_ns", "reason", "size", "skip", "takes", "write", "write_s")
 
-    def __init__(self, takes, skip, parts, batch: bytes, reason: str, first_ns: int) -> None:
+    def __init__(self, takes, skip, size: int, reason: str, first_ns: int, write: BatchWrite) -> None:
         self.takes = takes  # [(ring index, count)] in batch order
         self.skip = skip  # records of each ring an earlier in-flight batch took
-        self.parts = parts
-        self.batch = batch
-        self.text = batch.decode()
+        self.size = size
         self.reason = reason
         self.first_ns = first_ns
-        mono_now, self.cut_wall = time.monotonic_ns(), time.time()
-        self.first_wall = self.cut_wall - (mono_now - first_ns) / _NS
-        self.planner = None
-        self.plan = None
-        self.fast = False
-        self.write_s = 0.0  # the database write's duration, for the commit-duration histogram
+        self.write = write  # planned by the lane store
+        self.write_s = 0.0  # the commit's duration, for the commit-duration histogram
 
 
 class FlusherProcess:
@@ -132,9 +113,8 @@ class FlusherProcess:
         self.outboxes = [OutcomeOutbox(row[lane]) for row in control.outcome_rings]
         self.data_wake = data_wake
         self.ingest_wakes = ingest_wakes
-        self.dsn = dsn
         self.options = options
-        self.state_planner = state_planner
+        self.store = LaneStore(dsn, lane=lane, planning=state_planner, notify=options.notify_batches)
         self.counters = control.flushers[lane]
         self.histograms = control.histograms[lane]
         self.pending = [_Pending(r.released()) for r in self.rings]
@@ -158,11 +138,9 @@ class FlusherProcess:
         )
         self.reconnect = policy.Backoff(initial=0.05, maximum=2.0)
         self.retry_at = 0.0  # monotonic time before which no write is attempted
-        self.conn: psycopg.Connection | None = None
-        self.writer: BatchWriter | None = None
-        # One writer thread owns the connection's fast writes while the main
-        # thread cuts and plans the next batch (psycopg releases the GIL
-        # while it waits on the socket).
+        # One writer thread commits an optimistic batch while the main thread
+        # cuts and plans the next (the driver releases the GIL while it waits
+        # on the socket).
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flusher-writer")
 
     # ------------------------------------------------------------------ control
@@ -191,8 +169,8 @@ class FlusherProcess:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self._read_config()
         try:
-            self._writer()
-        except psycopg.Error as exc:
+            self._connect()
+        except DatabaseUnavailable as exc:
             self._db_failed(exc)
         self.counters.set(F.READY_NS, time.time_ns())
         while True:
@@ -211,7 +189,7 @@ class FlusherProcess:
                 # Data keeps arriving (and signalling) while the database is
                 # down: sleep on the clock, not on the eventfd.
                 time.sleep(min(backoff_left, IDLE_WAIT_S))
-                if self.stopping and self.conn is None:
+                if self.stopping and not self.store.is_connected:
                     log.error(
                         "stopping with %d intents unflushed (database unavailable); they were "
                         "not acknowledged, so clients resend them",
@@ -251,39 +229,26 @@ class FlusherProcess:
 
     # -------------------------------------------------------------------- flush
     def _flush(self, reason: str, limit: int) -> None:
-        """Cut, write and acknowledge batches. While batch k is being written
-        (on the writer thread, its connection), the next full batch is cut
-        and planned here, so the Python work of k+1 overlaps the database
-        work of k. Acknowledgements stay in order and only follow COMMIT."""
+        """Cut, commit and acknowledge batches. While an optimistic batch k
+        is committed (on the writer thread), the next full batch is cut and
+        planned here, so the Python work of k+1 overlaps the database work
+        of k. Acknowledgements stay in order and only follow COMMIT."""
         job = self._cut(reason, limit, after=None)
         while job is not None:
             nxt = None
-            if job.fast:
-                look_ahead = self._beyond(job) >= limit and not self.stopping
-                try:
-                    if look_ahead:
-                        future = self._executor.submit(self._write_fast, job)
-                        nxt = self._cut(policy.SIZE, limit, after=job)
-                        result = future.result()
-                    else:  # nothing to overlap: skip the thread hand-off
-                        result = self._write_fast(job)
-                except Exception as exc:  # noqa: BLE001 - handled below, on this thread
-                    result = exc
-                if not isinstance(result, WriteResult):
-                    # Declined (None) or failed: the cache may hold planned but
-                    # unwritten states (this batch's and the look-ahead's).
-                    if job.planner is not None:
-                        job.planner.invalidate()
-                    nxt = None
-                    self.counters.add(F.SLOW_PATH, 1)
-                    t0 = time.monotonic()
-                    result = self._write_slow(job, result if isinstance(result, BaseException) else None)
-                    job.write_s += time.monotonic() - t0
-            else:
-                t0 = time.monotonic()
-                result = self._write_slow(job, None)
-                job.write_s = time.monotonic() - t0
-            if result is None:
+            try:
+                if not self.store.is_connected:
+                    self._connect()
+                # Only an optimistic batch is looked past: the cache that plans
+                # k+1 holds k's states only once k is planned from it.
+                if job.write.optimistic and self._beyond(job) >= limit and not self.stopping:
+                    future = self._executor.submit(self._commit, job)
+                    nxt = self._cut(policy.SIZE, limit, after=job)
+                    result = future.result()
+                else:  # nothing to overlap: skip the thread hand-off
+                    result = self._commit(job)
+            except DatabaseUnavailable as exc:
+                self._db_failed(exc)
                 return  # records stay pending; retried after the breaker/backoff
             self._acknowledge(job, result)
             job = nxt
@@ -295,7 +260,8 @@ class FlusherProcess:
 
     def _cut(self, reason: str, limit: int, after: _Job | None) -> _Job | None:
         """Take up to ``limit`` records (skipping those ``after`` took), in
-        the ring rotation of the batch they will be, and plan them."""
+        the ring rotation of the batch they will be, and have the store plan
+        them."""
         batch_no = self.batch_no + (1 if after is not None else 0)
         skip = dict(after.takes) if after is not None else {}
         n_rings = len(self.rings)
@@ -317,70 +283,18 @@ class FlusherProcess:
             pend, off = self.pending[i], skip.get(i, 0)
             parts += pend.payloads[off : off + k]
             first_ns = pend.recv_ns[off] if first_ns is None else min(first_ns, pend.recv_ns[off])
-        job = _Job(takes, skip, parts, b"[" + b",".join(parts) + b"]", reason, first_ns)
-        if self.state_planner is not None:
-            job.planner = self.state_planner.planner(job.batch)
-            job.plan = job.planner.plan_optimistic()
-            job.fast = job.plan is not None
-        else:
-            job.fast = True
-        return job
+        mono_now, cut_wall = time.monotonic_ns(), time.time()
+        first_wall = cut_wall - (mono_now - first_ns) / _NS
+        write = self.store.plan(b"[" + b",".join(parts) + b"]", len(parts), reason, first_wall, cut_wall)
+        return _Job(takes, skip, len(parts), reason, first_ns, write)
 
-    def _write_fast(self, job: _Job) -> WriteResult | None:
-        """Runs on the writer thread: the one-round-trip write, nothing else."""
+    def _commit(self, job: _Job) -> WriteResult:
+        """May run on the writer thread: the store's whole write, timed."""
         t0 = time.monotonic()
         try:
-            return self._writer().write_fast(
-                job.text,
-                len(job.parts),
-                job.reason,
-                job.first_wall,
-                job.cut_wall,
-                job.planner,
-                job.plan,
-                invalidate=False,
-            )
+            return self.store.commit(job.write)
         finally:
             job.write_s = time.monotonic() - t0
-
-    def _write_slow(self, job: _Job, previous: BaseException | None) -> WriteResult | None:
-        """The reading path -- unless the fast path already failed with
-        ``previous`` -- then per-intent isolation on a data error. None after
-        a database failure (counted; the breaker decides what next)."""
-        try:
-            if previous is None:
-                planner = self.state_planner.planner(job.batch) if self.state_planner is not None else None
-                try:
-                    return self._writer().write(
-                        job.text, len(job.parts), job.reason, job.first_wall, job.cut_wall, planner
-                    )
-                except Exception as exc:  # noqa: BLE001 - a planner/handler bug or data error: isolate below
-                    previous = exc
-            if isinstance(previous, psycopg.Error) and is_connection_error(previous):
-                raise previous
-            return self._isolate(job, previous)
-        except psycopg.Error as exc:
-            if not is_connection_error(exc):
-                raise  # isolation itself failed on data: a bug; let the supervisor restart us
-            self._db_failed(exc)
-            return None
-
-    def _isolate(self, job: _Job, cause: BaseException) -> WriteResult:
-        """The batch failed on its data (or a handler): redo it intent by
-        intent so only the culprits are dead-lettered."""
-        writer = self._writer()
-        if self.conn is not None and not self.conn.closed and self.conn.info.transaction_status:
-            self.conn.rollback()
-        self.counters.add(F.FALLBACKS, 1)
-        log.warning(
-            "batch of %d failed on its data (%s); retrying intent by intent",
-            len(job.parts),
-            str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__,
-        )
-        planner = self.state_planner.planner(job.batch) if self.state_planner is not None else None
-        return writer.write_isolated(
-            job.text, [bytes(p).decode() for p in job.parts], job.reason, job.first_wall, job.cut_wall, planner
-        )
 
     def _acknowledge(self, job: _Job, result: WriteResult) -> None:
         """Durable: tell the ingests, outcomes before cursors."""
@@ -402,7 +316,11 @@ class FlusherProcess:
             self.ingest_wakes[i].signal()
             ord_base += k
         self.batch_no += 1
-        self._account(result, len(job.parts), job.reason, latency_s)
+        if job.write.optimistic and result.path != OPTIMISTIC:
+            self.counters.add(F.SLOW_PATH, 1)  # declined (resend, stale cache) or failed on its data
+        if result.path == ISOLATED:
+            self.counters.add(F.FALLBACKS, 1)
+        self._account(result, job.size, job.reason, latency_s)
         dead_codes = collections.Counter(o[1] for o in result.outcomes.values() if o[0] == DEAD_LETTERED and not o[3])
         metrics.record_batch(
             self.histograms, result.new, now_ns - np.array(arrivals, dtype=np.int64), job.write_s, dead_codes
@@ -414,26 +332,21 @@ class FlusherProcess:
         backoff clock, so health tells the truth without waiting for a
         write. One select() per idle wake-up; no query."""
         try:
-            if self.conn is None:
+            if not self.store.is_connected:
                 if time.monotonic() >= self.retry_at:
-                    self._writer()
-            elif not self.conn.closed and select.select([self.conn.fileno()], [], [], 0)[0]:
-                self.conn.pgconn.consume_input()  # raises once the server is gone
-        except psycopg.Error as exc:
+                    self._connect()
+            else:
+                self.store.check_connection()
+        except DatabaseUnavailable as exc:
             self._db_failed(exc)
 
-    def _writer(self) -> BatchWriter:
-        if self.conn is None or self.conn.closed:
-            self.conn = psycopg.connect(
-                self.dsn, connect_timeout=5, application_name=f"batchscheduler flusher {self.lane}"
-            )
-            self.writer = BatchWriter(self.conn, notify=self.options.notify_batches, lane=self.lane)
-            self.reconnect.reset()
-            self.counters.set(F.DB_CONNECTED, 1)
-        assert self.writer is not None
-        return self.writer
+    def _connect(self) -> None:
+        """Open the store's connection; raises DatabaseUnavailable."""
+        self.store.connect()
+        self.reconnect.reset()
+        self.counters.set(F.DB_CONNECTED, 1)
 
-    def _db_failed(self, exc: BaseException) -> None:
+    def _db_failed(self, exc: DatabaseUnavailable) -> None:
         self.counters.add(F.DB_ERRORS, 1)
         self.counters.set(F.DB_CONNECTED, 0)
         self.breaker.failure()
@@ -441,18 +354,12 @@ class FlusherProcess:
         self.counters.set(F.BREAKER, self.breaker.state)
         self.adaptive.observe(failed_fraction=1.0, latency_s=0.0, size_triggered=False)
         self.counters.set(F.BATCH_LIMIT, self.adaptive.limit)
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except psycopg.Error:  # pragma: no cover - closing a dead connection
-                pass
-            self.conn = None
+        self.store.close()
         delay = self.reconnect.next_delay()
         self.retry_at = time.monotonic() + delay
         log.error(
-            "database write failed (%s: %s); breaker %s, retrying in %.2fs",
-            type(exc).__name__,
-            str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+            "database write failed (%s); breaker %s, retrying in %.2fs",
+            exc,  # the driver's error class and the first line of its message
             policy.STATE_NAMES[self.breaker.state],
             delay,
         )
@@ -511,5 +418,4 @@ class FlusherProcess:
             for view in pend.payloads:
                 view.release()
             pend.payloads = []
-        if self.conn is not None:
-            self.conn.close()
+        self.store.close()

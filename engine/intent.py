@@ -88,7 +88,7 @@ class Record(msgspec.Struct, array_like=True, gc=False):
     """An intent as stored in a ring and sent to PostgreSQL: a compact JSON
     array ``[client_id, seq, entity, kind, args, received_us]``. JSON because
     PostgreSQL parses it natively, so a batch is the ring payloads joined with
-    commas and the flusher does no per-intent encoding (see persistence.writer)."""
+    commas and the flusher does no per-intent encoding (see persistence.lane_store)."""
 
     client_id: str
     seq: int

@@ -1,23 +1,24 @@
 """The planner: a batch of intents becomes the fewest state writes.
 
-Per batch (inside the batch's transaction, see ``persistence.writer``):
+Pure planning over Python data: no connection, no SQL. The lane store
+(``persistence.lane_store``) owns the write and calls in here through its
+``StatePlanning`` protocol. Per batch:
 
 1. Decode the whole batch in one msgspec call (``list[DecodedRecord]``).
 2. Know the current state of every entity the batch touches: from the
-   flusher's entity cache (``plan_optimistic``, no read at all), or else read
-   in the same round trip as the intent-log insert (``SELECT_ENTITIES``).
+   lane's entity cache (``plan_optimistic``, no read at all), or else from
+   the rows the store read for ``entity_ids()`` in the same round trip as
+   the intent-log insert.
 3. For the intents that are new (not resends), in batch order: run the
    handler (pure), check existence (``spawn`` needs absence, everything else
    presence), and apply its ops to the batch's working copy of the entity.
    A handler that raises, or an existence check that fails, dead-letters that
    intent only.
-4. Write each touched entity once, set-based: one ``INSERT … SELECT FROM
-   jsonb_array_elements`` for spawned entities, and one ``UPDATE`` for the
-   rest that gets every entity's new state as ONE jsonb object keyed by id
-   (``UPDATE_ENTITIES``; intents on the same entity are combined first, so
-   each entity is one key). Each row's version must still be the one its new
-   state was computed from: ``expect_rows`` raises ``STALE_CACHE`` when fewer
-   rows matched, so a cached state that went stale is never written over.
+4. Say what to write, each touched entity once (``Plan``): the spawned
+   entities, and the updated ones with the version each new state was
+   computed from (intents on the same entity are combined first, so each
+   entity is one entry). The store writes them set-based and checks those
+   versions, so a cached state that went stale is never written over.
 
 Why apply in Python rather than as ``jsonb_set`` chains in SQL: the ops are
 applied to state read in the same round trip, so reduction ends at the final
@@ -45,28 +46,7 @@ import msgspec
 from engine import codes
 from engine.handlers import Op, Registry, Spawn
 from engine.intent import DecodedRecord, clip_reason
-from persistence.migrations import SCHEMA as S
-from persistence.writer import Plan
-
-# The id list goes in as ONE jsonb parameter; ``= ANY(ARRAY(subquery))``
-# becomes an init-plan array, so the primary-key index is used (a join
-# against jsonb_array_elements is estimated at 100 rows and seq-scans).
-UPDATE_ENTITIES = f"""WITH u AS (
-    UPDATE {S}.entities e
-    SET state = m.map -> e.id -> 0, version = e.version + (m.map -> e.id ->> 1)::int8,
-        updated_batch = currval('{S}.batches_id_seq')
-    FROM (SELECT %(rows)s::jsonb AS map) AS m
-    WHERE e.id = ANY(ARRAY(SELECT jsonb_object_keys(%(rows)s::jsonb)))
-      AND e.version = (m.map -> e.id ->> 2)::int8
-    RETURNING 1)
-SELECT {S}.expect_rows((SELECT count(*) FROM u), %(n)s)"""
-
-INSERT_ENTITIES = f"""INSERT INTO {S}.entities (id, state, version, updated_batch)
-SELECT x->>0, x->1, (x->>2)::int8, currval('{S}.batches_id_seq')
-FROM jsonb_array_elements(%(rows)s::jsonb) AS x"""
-
-SELECT_ENTITIES = f"""SELECT id, state::text, version FROM {S}.entities
-WHERE id = ANY(ARRAY(SELECT jsonb_array_elements_text(%(ids)s::jsonb)))"""
+from persistence.lane_store import Plan
 
 
 # ---------------------------------------------------------------- semantics
@@ -200,23 +180,22 @@ _MISS = object()
 
 
 class BatchPlanner:
-    """Plans one batch; handed to the writer, which supplies the new ords and
+    """Plans one batch for the lane store, which supplies the new ords and
     the current states it read -- or, on the optimistic path, plans from the
-    planner's entity cache with no read at all."""
+    entity cache with no read at all."""
 
     def __init__(self, owner: StatePlanner, batch: bytes) -> None:
         self.owner = owner
         self.records: list[DecodedRecord] = owner.decode_batch(batch)
         self.world: World | None = None
 
-    def read_query(self, ords: Sequence[int] | None = None) -> tuple[str, dict]:
-        """Current state of the entities the batch (or ``ords``) touches."""
+    def entity_ids(self, ords: Sequence[int] | None = None) -> list[str]:
+        """The entities the batch (or ``ords``) touches, in first-touch order."""
         chosen = self.records if ords is None else [self.records[o - 1] for o in ords]
-        ids = list(dict.fromkeys(rec.entity for rec in chosen))
-        return SELECT_ENTITIES, {"ids": self.owner.encode(ids).decode()}
+        return list(dict.fromkeys(rec.entity for rec in chosen))
 
     def plan(self, new_ords: Sequence[int], rows: Iterable[tuple[str, str, int]]) -> Plan:
-        """Plan ``new_ords`` from ``rows`` of ``read_query`` (id, state, version)."""
+        """Plan ``new_ords`` from the rows read for ``entity_ids`` (id, state as JSON text, version)."""
         decode = self.owner.decode_state
         states, versions = {}, {}
         for entity, text, version in rows:
@@ -226,13 +205,13 @@ class BatchPlanner:
 
     def plan_optimistic(self) -> Plan | None:
         """Plan every intent as new from cached entities; None when an entity
-        is not cached (the writer then takes the reading path).
+        is not cached (the store then takes the reading path).
 
         The cache is updated at once, in place: it then holds the state
         *after* this batch, so the next batch can be planned while this one
         is still being written. That holds only while every planned batch
-        commits: the writer calls ``invalidate`` on any failure, which
-        forgets the whole cache."""
+        commits as planned: the lane store calls ``StatePlanner.forget``
+        whenever one does not."""
         cache = self.owner.cache
         states, versions = {}, {}
         for rec in self.records:
@@ -258,25 +237,20 @@ class BatchPlanner:
             if failure is not None:
                 dead[ord_] = failure
         self.world = world
-        return Plan(statements=self.owner.statements(world), dead=dead)
+        return _writes(world, dead)
 
     def committed(self) -> None:
         """The batch's transaction committed: its states become the cache."""
         if self.world is not None:
             self.owner.remember(self.world)
 
-    def invalidate(self) -> None:
-        """The write failed (or was isolated intent by intent): forget every
-        cached state, since some may have been changed in place."""
-        self.owner.cache.clear()
-        self.world = None
-
 
 class StatePlanner:
-    """The handler registry, the codecs the planner reuses, and the entity
-    cache: the flusher is the only writer of entities, so the states it
-    committed are the states in the database -- unless someone else writes
-    the table, which the version check in ``UPDATE_ENTITIES`` detects."""
+    """The handler registry, the codecs the planner reuses, and the lane's
+    entity cache: the lane is the only writer of its entities, so the states
+    it committed are the states in the database -- unless someone else
+    writes the table, which the store's version check detects. When the
+    cache may be wrong is the lane store's call alone (``forget``)."""
 
     # 200k entities of a few hundred bytes each stays well inside the
     # worker's default 512 MiB RSS limit.
@@ -286,7 +260,6 @@ class StatePlanner:
         self.registry = registry
         self._batch_dec = msgspec.json.Decoder(list[DecodedRecord])
         self._state_dec = msgspec.json.Decoder(dict)
-        self.encode = msgspec.json.Encoder().encode
         self.cache: dict[str, tuple[dict, int]] = {}  # entity -> (state, version); oldest first
 
     def planner(self, batch: bytes) -> BatchPlanner:
@@ -309,19 +282,22 @@ class StatePlanner:
             for entity in list(itertools.islice(cache, excess)):
                 del cache[entity]
 
-    def statements(self, world: World) -> list[tuple[str, dict]]:
-        inserts, updates = [], {}
-        for entity, n in world.touched.items():
-            if entity in world.spawned:
-                inserts.append((entity, world.states[entity], n))
-            else:
-                updates[entity] = (world.states[entity], n, world.versions.get(entity, 0))
-        out = []
-        if inserts:
-            out.append((INSERT_ENTITIES, {"rows": self.encode(inserts).decode()}))
-        if updates:
-            out.append((UPDATE_ENTITIES, {"rows": self.encode(updates).decode(), "n": len(updates)}))
-        return out
+    def forget(self) -> None:
+        """Drop every cached state: a planned write did not commit as
+        planned. Called by the lane store only."""
+        self.cache.clear()
+
+
+def _writes(world: World, dead: dict[int, tuple[str, str]]) -> Plan:
+    """Each touched entity once: spawned ones whole, the rest with the
+    version their new state was computed from."""
+    plan = Plan(dead=dead)
+    for entity, n in world.touched.items():
+        if entity in world.spawned:
+            plan.spawned.append((entity, world.states[entity], n))
+        else:
+            plan.updated[entity] = (world.states[entity], n, world.versions.get(entity, 0))
+    return plan
 
 
 def apply_one_by_one(

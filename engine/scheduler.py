@@ -29,14 +29,13 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import psycopg
 
 from engine import options as opts
 from engine.client import Client
 from engine.errors import EngineError
 from engine.intent import COMMITTED, Batch, Intent
 from engine.supervisor import Supervisor
-from persistence.migrations import SCHEMA
+from persistence.batch_feed import BatchFeed
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +73,6 @@ class EventBus:
 
     def has(self, event: Any) -> bool:
         return bool(self._subscribers.get(event))
-
-
-BATCH_INTENTS = f"""SELECT client_id, seq, entity, kind, args::text FROM {SCHEMA}.intent_log
-WHERE batch_id = %s AND status = 'committed' ORDER BY batch_ord"""
-BATCH_ROW = f"SELECT size, cut_reason FROM {SCHEMA}.batches WHERE id = %s"
 
 
 class BatchScheduler:
@@ -137,11 +131,10 @@ class BatchScheduler:
         self._supervisor = supervisor
         if self.event_bus is not None:
             # LISTEN before start() returns, so no committed batch goes unannounced.
-            listener = psycopg.connect(supervisor.dsn, autocommit=True)
-            listener.execute("LISTEN batchscheduler_batches")
+            feed = BatchFeed(supervisor.dsn)
             self.event_bus.on(SystemEvent.INTENT, self._forward.put)
             self._spawn_thread("batchscheduler-forward", self._forward_loop)
-            self._spawn_thread("batchscheduler-listen", lambda: self._listen_loop(listener))
+            self._spawn_thread("batchscheduler-listen", lambda: self._listen_loop(feed))
         self.log.info("BatchScheduler started on %s", supervisor.socket_path)
 
     def stop(self) -> None:
@@ -223,18 +216,15 @@ class BatchScheduler:
                 if any(i is None for i in batch):
                     return
 
-    def _listen_loop(self, conn: psycopg.Connection) -> None:
+    def _listen_loop(self, feed: BatchFeed) -> None:
         decode_args = msgspec.json.Decoder(dict).decode
-        with conn:
+        try:
             while not self._stopping.is_set():
-                # Drain first: querying while the notifies() generator is open
-                # would wait on the connection lock it holds.
-                for note in list(conn.notifies(timeout=0.2)):
-                    batch_id = int(note.payload)
-                    head = conn.execute(BATCH_ROW, (batch_id,)).fetchone()
-                    rows = conn.execute(BATCH_INTENTS, (batch_id,)).fetchall()
-                    intents = [Intent(c, s, e, k, decode_args(a)) for c, s, e, k, a in rows]
+                for stored in feed.wait(0.2):
+                    intents = [Intent(c, s, e, k, decode_args(a)) for c, s, e, k, a in stored.intents]
+                    size = stored.size if stored.size is not None else len(intents)
                     self.event_bus.emit(
-                        SystemEvent.INTENT_BATCH,
-                        Batch(batch_id, head[0] if head else len(intents), head[1] if head else "?", intents),
+                        SystemEvent.INTENT_BATCH, Batch(stored.batch_id, size, stored.cut_reason or "?", intents)
                     )
+        finally:
+            feed.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import closing
 
 import msgspec
 import psycopg
@@ -13,8 +14,8 @@ from hypothesis import strategies as st
 from engine.handlers import BUILTIN, Op, Registry
 from engine.intent import DecodedRecord, Record
 from engine.planner import StatePlanner, apply_one_by_one, apply_op
+from persistence.lane_store import ISOLATED, READING, LaneStore
 from persistence.migrations import migrate
-from persistence.writer import BatchWriter
 
 ENC = msgspec.json.Encoder()
 ENTITIES = ["a", "b", "c"]
@@ -32,6 +33,22 @@ def db(dsn):
     conn.close()
 
 
+@pytest.fixture
+def open_store(dsn):
+    """Connected lane stores on the test's database, closed afterwards."""
+    stores = []
+
+    def make(planning):
+        store = LaneStore(dsn, planning=planning)
+        store.connect()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        store.close()
+
+
 def reset(conn):
     conn.execute(
         "TRUNCATE batchscheduler.intent_log, batchscheduler.entities, batchscheduler.batches, "
@@ -40,25 +57,25 @@ def reset(conn):
     conn.commit()
 
 
-def write_in_batches(conn, planner_of_states, payloads, sizes, *, fast=False):
-    """Write like the flusher: with ``fast``, the one-round-trip optimistic
-    path from the entity cache first, the reading path when it declines."""
-    writer = BatchWriter(conn)
+def commit(store, payloads, reason="size"):
+    """Plan and commit one batch, as the flusher does."""
+    now = time.time()
+    return store.commit(store.plan(b"[" + b",".join(payloads) + b"]", len(payloads), reason, now, now))
+
+
+def write_in_batches(store, payloads, sizes, *, reading=False):
+    """Commit ``payloads`` cut into batches of ``sizes``; with ``reading``,
+    the cache is dropped before each batch, so every batch is planned from
+    what the reading path reads instead of from the cache."""
     outcomes = {}
     i = 0
     for size in sizes:
         chunk = payloads[i : i + size]
         if not chunk:
             break
-        batch = b"[" + b",".join(chunk) + b"]"
-        text = batch.decode()
-        result = (
-            writer.write_fast(text, len(chunk), "size", time.time(), time.time(), planner_of_states.planner(batch))
-            if fast
-            else None
-        )
-        if result is None:
-            result = writer.write(text, len(chunk), "size", time.time(), time.time(), planner_of_states.planner(batch))
+        if reading:
+            store._planning.forget()
+        result = commit(store, chunk)
         for j in range(len(chunk)):
             outcomes[i + j] = result.outcomes.get(j + 1, ("committed",))[0]
         i += size
@@ -94,50 +111,41 @@ intent_strategy = st.one_of(
     st.lists(st.tuples(st.sampled_from(ENTITIES), intent_strategy), min_size=1, max_size=60),
     st.lists(st.integers(1, 25), min_size=1, max_size=60),
 )
-def test_batched_writes_equal_one_by_one(db, intents, sizes):
+def test_batched_writes_equal_one_by_one(db, dsn, intents, sizes):
     payloads = [record("p", seq, entity, kind, args) for seq, (entity, (kind, args)) in enumerate(intents)]
-    planner_of_states = StatePlanner(BUILTIN)
     sizes = sizes + [len(payloads)]  # whatever is left goes in one last batch
 
-    reset(db)
-    batched_outcomes = write_in_batches(db, planner_of_states, payloads, sizes, fast=True)
-    batched = snapshot(db)
+    def run(sizes, reading=False):
+        reset(db)
+        with closing(LaneStore(dsn, planning=StatePlanner(BUILTIN))) as store:
+            store.connect()
+            outcomes = write_in_batches(store, payloads, sizes, reading=reading)
+        return outcomes, snapshot(db)
 
-    reset(db)
-    single_outcomes = write_in_batches(db, StatePlanner(BUILTIN), payloads, [1] * len(payloads))
-    single = snapshot(db)
+    batched_outcomes, batched = run(sizes)  # optimistic wherever the cache can plan the batch
+    read_outcomes, read = run(sizes, reading=True)  # every batch by the reading path
+    single_outcomes, single = run([1] * len(payloads))
 
-    assert batched == single
-    assert batched_outcomes == single_outcomes
-    # And both equal the in-memory reference applied in order.
+    assert batched == read == single
+    assert batched_outcomes == read_outcomes == single_outcomes
+    # And all equal the in-memory reference applied in order.
     decoded = [msgspec.json.decode(p, type=DecodedRecord) for p in payloads]
     reference, dead = apply_one_by_one(BUILTIN, decoded)
     assert batched == reference
     assert {seq for _, seq, _ in dead} == {k for k, v in batched_outcomes.items() if v == "dead_lettered"}
 
 
-def test_poison_intent_dead_letters_alone_in_a_batch_of_857(db):
+def test_poison_intent_dead_letters_alone_in_a_batch_of_857(db, open_store):
     db.execute("ALTER TABLE batchscheduler.entities ADD CONSTRAINT hp_cap CHECK ((state->>'hp')::int < 1000)")
     db.commit()
-    planner_of_states = StatePlanner(BUILTIN)
     payloads = [record("w", 0, "troll", "spawn", {"state": {"hp": 10}})]
     payloads += [record("w", seq, "troll", "move", {"dx": 1, "dy": 0}) for seq in range(1, 428)]
     payloads += [record("w", 428, "troll", "heal", {"amount": 5000})]  # violates hp_cap
     payloads += [record("w", seq, "troll", "move", {"dx": 1, "dy": 0}) for seq in range(429, 857)]
     assert len(payloads) == 857
-    batch = b"[" + b",".join(payloads) + b"]"
-    writer = BatchWriter(db)
-    with pytest.raises(psycopg.errors.CheckViolation):
-        writer.write(batch.decode(), 857, "size", time.time(), time.time(), planner_of_states.planner(batch))
-    db.rollback()
-    result = writer.write_isolated(
-        batch.decode(),
-        [p.decode() for p in payloads],
-        "size",
-        time.time(),
-        time.time(),
-        planner_of_states.planner(batch),
-    )
+    # The reading path fails on hp_cap; the batch is redone intent by intent.
+    result = commit(open_store(StatePlanner(BUILTIN)), payloads)
+    assert result.path == ISOLATED
     assert result.outcomes == {429: ("dead_lettered", "constraint_violation", result.outcomes[429][2], False)}
     assert "hp_cap" in result.outcomes[429][2]
     counts = dict(db.execute("SELECT status, count(*) FROM batchscheduler.intent_log GROUP BY 1").fetchall())
@@ -146,40 +154,42 @@ def test_poison_intent_dead_letters_alone_in_a_batch_of_857(db):
     assert db.execute("SELECT seq, code FROM batchscheduler.dead_letters").fetchall() == [(428, "constraint_violation")]
 
 
-def test_handler_that_raises_dead_letters_only_its_intent(db):
+def test_handler_that_raises_dead_letters_only_its_intent(db, open_store):
     def explode(intent):
         raise RuntimeError("the dragon refuses")
 
-    planner_of_states = StatePlanner(BUILTIN.extend({"explode": explode}))
+    store = open_store(StatePlanner(BUILTIN.extend({"explode": explode})))
     payloads = [
         record("h", 1, "x", "spawn", {"state": {}}),
         record("h", 2, "x", "explode", {}),
         record("h", 3, "x", "say", {"text": "still here"}),
     ]
-    outcomes = write_in_batches(db, planner_of_states, payloads, [3])
+    outcomes = write_in_batches(store, payloads, [3])
     assert outcomes == {0: "committed", 1: "dead_lettered", 2: "committed"}
     assert (
         db.execute("SELECT reason FROM batchscheduler.dead_letters").fetchone()[0] == "RuntimeError: the dragon refuses"
     )
 
 
-def test_resend_in_later_batch_is_not_applied_twice(db):
+def test_resend_in_later_batch_is_not_applied_twice(db, open_store):
     planner_of_states = StatePlanner(BUILTIN)
+    store = open_store(planner_of_states)
     spawn = record("r", 1, "x", "spawn", {"state": {"hp": 1}})
     heal = record("r", 2, "x", "heal", {"amount": 5})
-    write_in_batches(db, planner_of_states, [spawn, heal], [2], fast=True)
+    write_in_batches(store, [spawn, heal], [2])
     assert planner_of_states.cache == {"x": ({"hp": 6}, 2)}
-    outcomes = write_in_batches(db, planner_of_states, [heal, heal], [2], fast=True)
+    outcomes = write_in_batches(store, [heal, heal], [2])
     assert outcomes == {0: "committed", 1: "committed"}
     assert snapshot(db) == {"x": {"hp": 6}}
 
 
-def test_another_intent_under_a_stored_key_is_rejected_seq_reused_on_every_write_path(db):
-    """Same batch (the plain insert declines, the general write answers),
-    and the intent-by-intent fallback: the record that only shares the key
-    is rejected and applies nothing; the identical one is a duplicate."""
-    planner_of_states = StatePlanner(BUILTIN)
-    writer = BatchWriter(db)
+def test_another_intent_under_a_stored_key_is_rejected_seq_reused_on_every_write_path(db, open_store):
+    """Same batch (the reading path answers), and the intent-by-intent
+    fallback: the record that only shares the key is rejected and applies
+    nothing; the identical one is a duplicate."""
+    db.execute("ALTER TABLE batchscheduler.entities ADD CONSTRAINT hp_cap CHECK ((state->>'hp')::int < 1000)")
+    db.commit()
+    store = open_store(StatePlanner(BUILTIN))
     spawn = record("k", 1, "orc", "spawn", {"state": {"hp": 10}})
     damage = record("k", 2, "orc", "damage", {"amount": 3})
     heal = record("k", 2, "orc", "heal", {"amount": 5})
@@ -189,44 +199,21 @@ def test_another_intent_under_a_stored_key_is_rejected_seq_reused_on_every_write
         "seq 2 of client k was already used for a different intent (stored: damage on orc, committed)",
         False,
     )
-    batch = b"[" + b",".join([spawn, damage, heal]) + b"]"
-    now = time.time()
-    assert writer.write_fast(batch.decode(), 3, "size", now, now, planner_of_states.planner(batch)) is None
-    result = writer.write(batch.decode(), 3, "size", now, now, planner_of_states.planner(batch))
-    assert (result.new, result.outcomes) == (2, {3: reused})
+    result = commit(store, [spawn, damage, heal])
+    assert (result.path, result.new, result.outcomes) == (READING, 2, {3: reused})
     assert snapshot(db) == {"orc": {"hp": 7}}
 
-    again = [heal, damage]
-    batch = b"[" + b",".join(again) + b"]"
-    result = writer.write_isolated(
-        batch.decode(), [r.decode() for r in again], "size", now, now, planner_of_states.planner(batch)
-    )
-    assert (result.new, result.outcomes) == (0, {1: reused, 2: ("committed", "", "", True)})
+    # hp_cap fails the batch on its data, so it is isolated intent by intent.
+    poison = record("k", 3, "orc", "heal", {"amount": 5000})
+    result = commit(store, [heal, damage, poison])
+    assert result.path == ISOLATED
+    assert result.new == 1
+    assert result.outcomes[1] == reused
+    assert result.outcomes[2] == ("committed", "", "", True)
+    assert result.outcomes[3][:2] == ("dead_lettered", "constraint_violation")
     assert snapshot(db) == {"orc": {"hp": 7}}
-    assert db.execute("SELECT count(*) FROM batchscheduler.intent_log").fetchone() == (2,)
+    assert db.execute("SELECT count(*) FROM batchscheduler.intent_log").fetchone() == (3,)
     db.commit()
-
-
-def test_cached_path_notices_a_row_changed_behind_its_back(db):
-    planner_of_states = StatePlanner(BUILTIN)
-    write_in_batches(db, planner_of_states, [record("s", 1, "x", "spawn", {"state": {"hp": 1}})], [1], fast=True)
-    assert "x" in planner_of_states.cache
-    db.execute("UPDATE batchscheduler.entities SET state = '{\"hp\": 50}', version = version + 1")
-    db.commit()
-    payload = record("s", 2, "x", "heal", {"amount": 5})
-    batch = b"[" + payload + b"]"
-    writer = BatchWriter(db)
-    # The optimistic write plans from the stale cache, the version check
-    # fails, everything rolls back and the caller is told to read instead.
-    assert (
-        writer.write_fast(batch.decode(), 1, "time", time.time(), time.time(), planner_of_states.planner(batch)) is None
-    )
-    assert planner_of_states.cache == {}
-    assert snapshot(db) == {"x": {"hp": 50}}
-    assert db.execute("SELECT count(*) FROM batchscheduler.intent_log").fetchone() == (1,)
-    db.commit()
-    write_in_batches(db, planner_of_states, [payload], [1], fast=True)
-    assert snapshot(db) == {"x": {"hp": 55}}
 
 
 @pytest.mark.parametrize(

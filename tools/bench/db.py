@@ -23,7 +23,7 @@ Bulk paths (``--batches`` batches of ``--batch-size`` rows, one transaction
 per batch): ``INSERT … SELECT FROM unnest(arrays)``, ``COPY`` with
 ``write_row``, ``UPDATE … FROM unnest``, pipelined ``executemany`` UPDATE,
 and ``INSERT … SELECT FROM jsonb_array_elements($1)`` -- how
-``persistence.writer`` sends a batch: the ring payloads joined into one JSON
+``persistence.lane_store`` sends a batch: the ring payloads joined into one JSON
 array, one parameter -- plain and with the writer's ``ON CONFLICT DO NOTHING
 RETURNING``. The two ``unnest`` paths also run with binary parameters
 (``%b``): psycopg builds a text-format array in Python, quoting element by
@@ -218,7 +218,7 @@ class Sql:
         self.update_unnest = f"""UPDATE {s}.entities AS t SET hp = t.hp - u.dmg, version = t.version + 1
             FROM unnest(%s::int8[], %s::int4[]) AS u(id, dmg) WHERE t.id = u.id"""
         self.update_unnest_binary = self.update_unnest.replace("%s", "%b")
-        # persistence.writer.INSERT_LOG without the engine-only columns.
+        # persistence.lane_store.INSERT_LOG without the engine-only columns.
         jsonb_select = f"""INSERT INTO {s}.intents (client_id, seq, entity, kind, args, received_at)
             SELECT r->>0, (r->>1)::int8, r->>2, r->>3, r->4, to_timestamp((r->>5)::float8 / 1e6)
             FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS x(r, ord)"""
