@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.codes import HANDLER_ERROR
+from persistence.errors import StartupError as _StartupError
 
 
 class EngineError(Exception):
@@ -28,8 +29,9 @@ class HandlerError(EngineError):
     code = HANDLER_ERROR
 
 
-class StartupError(EngineError):
-    """The engine could not start (database, socket, workers); says which."""
+# The engine could not start (database, socket, workers); says which.
+# Defined by persistence, which raises it too and must not import the engine.
+StartupError = _StartupError
 
 
 class ClientError(EngineError):

@@ -36,8 +36,8 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 import psycopg
 
-from engine.errors import StartupError
 from ipc.lifetime import signal_on_parent_death
+from persistence.errors import StartupError
 
 log = logging.getLogger(__name__)
 
