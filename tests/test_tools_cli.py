@@ -20,7 +20,19 @@ from conftest import ROOT
 TOOLS = ROOT / "tools"
 VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
 # Every executable under tools/ (chaos and refresh_lock included).
-ALL_TOOLS = ("run_engine", "load_gen", "replay", "bench_db", "bench_ipc", "bench_sweep", "chaos", "refresh_lock")
+ALL_TOOLS = (
+    "run_engine",
+    "load_gen",
+    "replay",
+    "dead_letters",
+    "dashboard_preview",
+    "bench_db",
+    "bench_ipc",
+    "bench_sweep",
+    "top",
+    "chaos",
+    "refresh_lock",
+)
 GUARD = "BATCHSCHEDULER_TOOL_REEXEC"
 
 
@@ -83,6 +95,8 @@ def test_entry_points_cover_every_installable_tool():
         "engine.cli:run_engine_main",
         "batchscheduler_tools.loadgen:main",
         "batchscheduler_tools.replaylib:main",
+        "batchscheduler_tools.deadletters:main",
+        "batchscheduler_tools.liveview:main",
         "batchscheduler_tools.bench.db:main",
         "batchscheduler_tools.bench.ipc:main",
         "batchscheduler_tools.bench.sweep:main",
@@ -172,6 +186,19 @@ BAD_ARGS = [
     ("replay", ["--dsn", NO_SERVER], "cannot reach the database"),
     ("replay", ["--data-dir", "/nonexistent/var"], "no embedded engine database"),
     ("replay", ["--dsn", NO_SERVER, "--json", "/nonexistent/dir/out.json"], "--json"),
+    ("dead_letters", ["list", "--code", "invalid"], "--code"),
+    ("dead_letters", ["list", "--since", "yesterday"], "--since"),
+    ("dead_letters", ["list", "--limit", "-1"], "--limit"),
+    ("dead_letters", ["list", "--dsn", NO_SERVER], "cannot reach the database"),
+    ("dead_letters", ["replay", "--socket", NO_SOCKET, "--dsn", NO_SERVER], NO_SOCKET),
+    ("top", ["--interval", "0"], "--interval"),
+    ("top", ["--interval", "nan"], "--interval"),
+    ("top", ["--interval", "soon"], "--interval"),
+    ("top", ["--url", "ftp://127.0.0.1:9187"], "--url"),
+    ("top", ["--url", "http://:9187"], "--url"),
+    ("top", ["--url", "127.0.0.1:99999"], "--url"),
+    ("top", ["--url", "127.0.0.1:0"], "--url"),
+    ("top", ["--once", "--no-such-flag"], "--no-such-flag"),
     ("run_engine", ["--max-batch-size", "0"], "max_batch_size"),
 ]
 
@@ -229,7 +256,7 @@ def test_plot_without_matplotlib_is_refused_before_the_run(args, no_matplotlib):
 # ------------------------------------------------------------------ help
 def parsers() -> dict[str, argparse.ArgumentParser]:
     from engine import cli
-    from tools import loadgen, replaylib
+    from tools import deadletters, liveview, loadgen, replaylib
     from tools.bench import db, ipc, sweep
 
     return {
@@ -238,11 +265,15 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
         "bench_sweep": sweep.build_parser(),
         "load_gen": loadgen.build_parser(),
         "replay": replaylib.build_parser(),
+        "dead_letters": deadletters.build_parser(),
+        "top": liveview.build_parser(),
         "run_engine": cli.build_parser(),
     }
 
 
-@pytest.mark.parametrize("tool", ["bench_db", "bench_ipc", "bench_sweep", "load_gen", "replay", "run_engine"])
+@pytest.mark.parametrize(
+    "tool", ["bench_db", "bench_ipc", "bench_sweep", "load_gen", "replay", "dead_letters", "top", "run_engine"]
+)
 def test_help_names_the_program_and_documents_every_option_once(tool):
     parser = parsers()[tool]
     assert parser.prog == f"tools/{tool}"

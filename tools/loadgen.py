@@ -482,9 +482,12 @@ class SpawnedEngine:
             preexec_fn=functools.partial(signal_on_parent_death, signal.SIGTERM),  # noqa: PLW1509 - one prctl() call, takes no lock
         )
         self.dsn = dsn
+        self.metrics_url: str | None = None  # its "metrics:" line; None with --metrics-addr off
         for line in self.proc.stdout:
             if line.startswith("dsn: ") and not dsn:
                 self.dsn = line[5:].strip()
+            if line.startswith("metrics: "):
+                self.metrics_url = line[9:].strip()
             if line.startswith("ready"):
                 break
         else:

@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import logging
-import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -128,56 +126,10 @@ def _would_apply(registry: Registry, rec: DecodedRecord, world: World) -> bool:
 
 
 # ---------------------------------------------------------------------- CLI
-class CannotCompare(Exception):
-    """Replay could not run (exit 2); the message says why."""
-
-
 def _prog() -> str:
     from .bench.args import prog
 
     return prog("replay")
-
-
-@contextlib.contextmanager
-def stopped_engine_database(data_dir: str) -> Iterator[str]:
-    """The DSN of a stopped engine's embedded PostgreSQL, started for the
-    block and stopped after it. The data directory's ``engine.lock`` is held
-    throughout, so no engine starts on it meanwhile; a live engine holds it
-    already, and then this refuses (CannotCompare)."""
-    from engine.errors import StartupError
-    from persistence.embedded import EmbeddedPostgres
-
-    data = Path(data_dir).resolve()
-    pgdata = data / "pg"
-    if not (pgdata / "PG_VERSION").is_file():
-        raise CannotCompare(f"no embedded engine database in {data} (no {pgdata}/PG_VERSION)")
-    lock_path = data / "engine.lock"  # engine.supervisor.LOCK_FILE
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise CannotCompare(f"cannot open {lock_path}: {exc.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise CannotCompare(
-                f"an engine is running on {data} (pid {holder} holds {lock_path}): replay it through the "
-                f"'dsn:' line it printed (--dsn), or stop it first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        pg = EmbeddedPostgres(pgdata)
-        try:
-            try:
-                dsn = pg.start()
-            except StartupError as exc:
-                raise CannotCompare(f"cannot start the embedded PostgreSQL in {pgdata}: {exc}") from None
-            yield dsn
-        finally:
-            pg.stop()
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from engine import handlers
     from engine.errors import ConfigError
 
+    from . import enginedb
     from .bench.report import write_json
 
     args = build_parser().parse_args(argv)
@@ -294,9 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         with contextlib.ExitStack() as stack:
-            dsn = args.dsn or stack.enter_context(stopped_engine_database(args.data_dir))
+            dsn = args.dsn or stack.enter_context(enginedb.stopped_engine_database(args.data_dir))
             report = replay(dsn, registry, max_diffs=args.max_diffs, keep_scratch=args.keep_scratch)
-    except CannotCompare as exc:
+    except enginedb.NoDatabase as exc:
         return cannot(str(exc))
     except psycopg.errors.UndefinedTable as exc:
         return cannot(f"not an engine's database (no batchscheduler tables): {str(exc).strip()}")
