@@ -122,6 +122,7 @@ class FlusherProcess:
         self.batch_no = 0
         self.config_epoch = -1
         self.window_ns = int(options.time_window_ms * 1e6)
+        self.lead = policy.CommitLead(enabled=options.window_covers_commit)
         self.adaptive = policy.AdaptiveLimit(
             initial=options.max_batch_size,
             minimum=options.min_batch_size,
@@ -209,7 +210,8 @@ class FlusherProcess:
                     return
                 continue
             oldest = min(p.recv_ns[0] for p in self.pending if p.positions)
-            reason, wait_ns = policy.decide_cut(total, limit, oldest, self.window_ns, time.monotonic_ns(), draining)
+            window_ns = self.window_ns - self.lead.lead_ns(self.window_ns)
+            reason, wait_ns = policy.decide_cut(total, limit, oldest, window_ns, time.monotonic_ns(), draining)
             if reason is None:
                 self.data_wake.wait(wait_ns / _NS)
                 continue
@@ -295,6 +297,7 @@ class FlusherProcess:
             return self.store.commit(job.write)
         finally:
             job.write_s = time.monotonic() - t0
+            self.lead.observe(job.write_s)
 
     def _acknowledge(self, job: _Job, result: WriteResult) -> None:
         """Durable: tell the ingests, outcomes before cursors."""

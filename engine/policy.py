@@ -3,6 +3,7 @@
 Pure objects with injectable clocks, so tests drive them without sleeping:
 
 * ``decide_cut``: the seed's dual condition in one place.
+* ``CommitLead``: how early a time cut starts, so wait + commit fit the window.
 * ``AdaptiveLimit``: the seed's adaptive batch sizing.
 * ``CircuitBreaker``: the seed's breaker (closed, open, half-open).
 * ``Backoff``: restart and reconnect delays.
@@ -151,6 +152,37 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {STATE_NAMES[self.state]} failures={self.failures}>"
+
+
+class CommitLead:
+    """How much earlier than its window a time-triggered batch is cut, so an
+    intent's wait plus its batch's commit stays within the window (the
+    product's promise: at most the window in added latency).
+
+    The lead is a high estimate of the lane's commit duration: the smoothed
+    mean plus two smoothed mean deviations (~20 batches of memory), never
+    more than half the window, so a slow database cannot shrink batching to
+    nothing. Off (``enabled=False``) the lead is 0: the window is wait only."""
+
+    ALPHA = 0.05
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.mean_s = 0.0
+        self.dev_s = 0.0
+        self.seen = False
+
+    def observe(self, seconds: float) -> None:
+        if not self.seen:
+            self.mean_s, self.dev_s, self.seen = seconds, seconds / 2, True
+            return
+        self.dev_s += self.ALPHA * (abs(seconds - self.mean_s) - self.dev_s)
+        self.mean_s += self.ALPHA * (seconds - self.mean_s)
+
+    def lead_ns(self, window_ns: int) -> int:
+        if not self.enabled:
+            return 0
+        return min(window_ns // 2, int((self.mean_s + 2 * self.dev_s) * 1e9))
 
 
 class Backoff:

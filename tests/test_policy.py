@@ -92,3 +92,20 @@ def test_backoff_doubles_to_max_and_resets_after_stable_run():
     back.started_now()
     clock.t = 11
     assert back.next_delay() == 0.1
+
+
+def test_the_commit_lead_is_a_high_estimate_capped_at_half_the_window():
+    from engine.policy import CommitLead
+
+    lead = CommitLead(enabled=True)
+    assert lead.lead_ns(10 * MS) == 0  # nothing measured yet: the whole window
+    for _ in range(200):
+        lead.observe(0.002)
+    assert 2 * MS <= lead.lead_ns(10 * MS) < 2.2 * MS  # steady 2 ms commits
+    for _ in range(200):
+        lead.observe(0.001 if _ % 2 else 0.003)  # same mean, spread: a higher lead
+    assert lead.lead_ns(10 * MS) > 3 * MS
+    for _ in range(400):
+        lead.observe(0.5)  # a slow database cannot shrink the window below half
+    assert lead.lead_ns(10 * MS) == 5 * MS
+    assert CommitLead(enabled=False).lead_ns(10 * MS) == 0
