@@ -98,7 +98,8 @@ def test_the_frame_shows_the_engines_figures_from_two_real_scrapes(engine_factor
         "FROM batchscheduler.intent_log",
     )
     ((batches,),) = query(engine.dsn, "SELECT count(*) FROM batchscheduler.batches")
-    assert (committed, dead) == (630, 5)
+    by_code = dict(query(engine.dsn, "SELECT code, count(*) FROM batchscheduler.dead_letters GROUP BY code"))
+    assert (committed, dead) == (630, 5) and by_code == {"no_such_entity": 5}
     assert increase(first, second, INTENTS, status="committed") == committed
     assert increase(first, second, "batchscheduler_batches_total") == batches
     latency = bucket_increase(first, second, "batchscheduler_commit_latency_seconds")
@@ -114,6 +115,12 @@ def test_the_frame_shows_the_engines_figures_from_two_real_scrapes(engine_factor
     assert f"p50 {liveview.fmt_seconds(p50)}" in text and f"p99 {liveview.fmt_seconds(p99)}" in text
     assert f"of {batches:,} batches in the last" in text
     assert "healthy" in text and "database up" in text and "breaker closed" in text
+    # Dead letters by code, as stored, with their rate over the interval.
+    (row,) = [line for line in text.splitlines() if "dead letters" in line]
+    shown = dict(re.findall(r"(\w+) ([\d,]+) \([\d.,]+/s\)", row.split("dead letters", 1)[1]))
+    assert {code: int(n.replace(",", "")) for code, n in shown.items()} == by_code, row
+    # Backpressure: the flag and the share of the interval spent paused, per ingest.
+    assert re.search(r"backpressure ingest 0( paused)? \d{1,3}\.\d%", text), text
     for lane in ("0", "1"):  # lane rows: breaker, database, the seed's batch size limit
         row = next(line for line in text.splitlines() if re.match(rf"│\s+{lane}\s+closed\s+up\s+857\s", line))
         assert "/s" in row
@@ -121,10 +128,16 @@ def test_the_frame_shows_the_engines_figures_from_two_real_scrapes(engine_factor
         assert re.search(rf"│\s+{role}\s+[\d.]+ MiB\s+0\s", text), role
     for ingest, lane in (("0", "0"), ("0", "1")):
         assert f"ingest {ingest} → lane {lane}" in text
-    # Alerts come from /health when the engine reports them, "none" when it does not.
-    if "alerts" in second.health:
-        names = [a["name"] for a in second.health["alerts"]]
-        assert all(name in text for name in names)
+    # Alerts come from /health, as the engine's alert_firing metric flags them; "none" when it reports none.
+    alerts = second.health["alerts"]
+    assert all(set(a) == {"name", "firing", "since", "value", "threshold", "summary"} for a in alerts)
+    assert {a["name"]: float(a["firing"]) for a in alerts} == second.by("batchscheduler_alert_firing", "alert")
+    (title,) = [line for line in text.splitlines() if "─ alerts" in line]
+    firing = sum(a["firing"] for a in alerts)
+    assert (f"alerts ({firing} firing)" if firing else "─ alerts ─") in title
+    for a in alerts:
+        row = next(line for line in text.splitlines() if re.search(rf"│\s+{a['name']}\s", line))
+        assert ("FIRING" if a["firing"] else " ok ") in row and liveview.fmt_number(a["threshold"]) in row
     without = dataclasses.replace(second, health={k: v for k, v in second.health.items() if k != "alerts"})
     lines = frame_text(first, without, width=140).splitlines()
     title = next(i for i, line in enumerate(lines) if "─ alerts " in line)
@@ -144,6 +157,30 @@ def test_rates_are_shown_only_between_samples_of_the_same_engine_run(engine):
     assert "measuring…" in frame_text(sample, sample)  # one sample: no rates yet
     # Pure: the same samples draw the same frame, whenever drawn.
     assert len({frame_text(sample, later, [1.0, None, 3.0], interval=0.5) for _ in range(3)}) == 1
+
+
+def test_dead_letters_are_shown_by_code_and_backpressure_as_a_share_of_the_interval():
+    def sample(at: float, dead: dict[str, float], paused_s: dict[str, float], flags: dict[str, float]):
+        series = {
+            "batchscheduler_start_time_seconds": [({}, 1000.0)],
+            "batchscheduler_dead_letters_total": [({"code": c}, n) for c, n in dead.items()],
+            "batchscheduler_backpressure_seconds_total": [({"ingest": i}, s) for i, s in paused_s.items()],
+            "batchscheduler_backpressure": [({"ingest": i}, v) for i, v in flags.items()],
+        }
+        return liveview.Sample("http://engine", at=at, wall=2000.0 + at, series=series)
+
+    prev = sample(10.0, {"a": 0, "b": 5, "c": 0}, {"0": 1.0, "1": 0.0, "2": 3.0}, {"0": 0, "1": 0, "2": 0})
+    cur = sample(12.0, {"a": 3, "b": 5, "c": 0}, {"0": 1.5, "1": 1.8, "2": 5.1}, {"0": 0, "1": 1, "2": 1})
+    text = frame_text(prev, cur, interval=2.0, width=200)
+    # The most first, each with its rate over the 2 s; a code that never happened is left out.
+    assert "dead letters  b 5 (0/s) · a 3 (1.5/s)" in text and " c 0" not in text
+    # 0.5 s of 2 s; 1.8 s of 2 s while paused now; a pause a hair longer than the interval reads 100%.
+    assert "backpressure ingest 0 25.0%, ingest 1 paused 90.0%, ingest 2 paused 100.0%" in text
+    # One sample (no interval yet): the totals and the flag only.
+    text = frame_text(cur, cur, width=200)
+    assert "dead letters  b 5 · a 3" in text and "backpressure ingest 1 paused, ingest 2 paused " in text
+    quiet = sample(12.0, {"a": 0}, {"0": 1.0}, {"0": 0})
+    assert re.search(r"dead letters\s+none\s", frame_text(prev, quiet, width=200))
 
 
 # ------------------------------------------------- odd or absent answers
@@ -324,7 +361,8 @@ def terminal(*args: str):
 
 def test_live_view_redraws_under_a_terminal_and_q_puts_the_terminal_back(engine):
     with terminal("--url", base_url(engine), "--interval", "0.2") as term:
-        headings = ("throughput", "latency", "flush cuts", "batch size", "ring fill", "lanes", "workers", "alerts")
+        headings = ("throughput", "dead letters", "latency", "flush cuts", "batch size", "ring fill", "lanes")
+        headings += ("workers", "alerts", "backpressure ingest 0")
         headings += ("q or Ctrl-C quits",)  # the footer: the whole screen was drawn
         term.wait_for(lambda s: all(h in s for h in headings), 60, "every heading")
         assert "\x1b[?1049h" in term.raw  # full screen: the alternate screen

@@ -381,7 +381,7 @@ def render(
     measured = comparable(prev, cur)
     clock = time.strftime("%H:%M:%S", time.localtime(cur.wall))
     return Group(
-        _header(cur),
+        _header(prev, cur),
         _traffic(prev, cur, history, interval, measured),
         SideBySide(_batch_sizes(prev, cur, interval, measured), _rings(cur)),
         _lanes(prev, cur),
@@ -412,7 +412,7 @@ class SideBySide:
         yield grid
 
 
-def _header(cur: Sample) -> Panel:
+def _header(prev: Sample, cur: Sample) -> Panel:
     h = cur.health
     version = next(iter(cur.by(f"{NAMESPACE}build_info", "version")), "?")
     started = cur.total(f"{NAMESPACE}start_time_seconds")
@@ -445,10 +445,32 @@ def _header(cur: Sample) -> Panel:
         line.append("   draining", style="yellow")
     in_flight = cur.total(f"{NAMESPACE}intents_in_flight")
     line.append(f"   in flight {fmt_count(in_flight)}")
-    paused = sorted((i for i, v in cur.by(f"{NAMESPACE}backpressure", "ingest").items() if v), key=natural_key)
-    if paused:
-        line.append(f"   backpressure: ingest {', '.join(paused)}", style="bold yellow")
+    line.append_text(_backpressure(prev, cur))
     return Panel(line, title=title, title_align="left", box=box.ROUNDED)
+
+
+def _backpressure(prev: Sample, cur: Sample) -> Text:
+    """Which ingests are paused on a full ring now, and the share of the
+    interval each spent paused. Without two comparable samples, only the
+    paused ones (the flag), as there is no share to show yet."""
+    flags = cur.by(f"{NAMESPACE}backpressure", "ingest")
+    seconds = f"{NAMESPACE}backpressure_seconds_total"
+    shares = {i: rate(prev, cur, seconds, ingest=i) for i in cur.by(seconds, "ingest")}
+    measured = {i: share for i, share in shares.items() if share is not None}
+    line = Text()
+    for n, ingest in enumerate(sorted(set(measured) | {i for i, v in flags.items() if v}, key=natural_key)):
+        line.append("   backpressure " if not n else ", ")
+        if flags.get(ingest):
+            line.append(f"ingest {ingest} paused", style="bold yellow")
+        else:
+            line.append(f"ingest {ingest}")
+        if ingest in measured:
+            # The engine's clock and the scrape's are a scrape's latency apart: a
+            # pause covering the whole interval may read a hair over 100%.
+            share = max(0.0, min(1.0, measured[ingest]))
+            style = "bold red" if share >= 0.5 else "yellow" if share else "dim"
+            line.append(f" {100 * share:.1f}%", style=style)
+    return line
 
 
 def _traffic(prev: Sample, cur: Sample, history: Sequence[float | None], interval: float, measured: bool) -> Panel:
@@ -477,6 +499,7 @@ def _traffic(prev: Sample, cur: Sample, history: Sequence[float | None], interva
         if per_s and status != "committed":
             counts.append(f" ({fmt_rate(per_s)})", style="yellow")
     grid.add_row("intents", counts)
+    grid.add_row("dead letters", _dead_letters(prev, cur))
 
     grid.add_row("latency", _latency_line(prev, cur, interval, measured))
 
@@ -490,6 +513,27 @@ def _traffic(prev: Sample, cur: Sample, history: Sequence[float | None], interva
     cuts.append(f"since start {_ratio(lifetime)} of {fmt_count(sum(lifetime.values()))}", style="dim")
     grid.add_row("flush cuts", cuts)
     return Panel(grid, box=box.ROUNDED, padding=(0, 1))
+
+
+def _dead_letters(prev: Sample, cur: Sample) -> Text:
+    """Dead letters by reply code, the most first: the total since start and
+    the rate over the interval. The engine exports every code, zeros too;
+    only the codes that happened are shown."""
+    name = f"{NAMESPACE}dead_letters_total"
+    if name not in cur.series:
+        return Text("-", style="dim")  # an engine older than the metric
+    totals = sorted(((n, code) for code, n in cur.by(name, "code").items() if n), key=lambda r: (-r[0], r[1]))
+    if not totals:
+        return Text("none", style="dim")
+    line = Text()
+    for i, (total, code) in enumerate(totals):
+        if i:
+            line.append(" · ", style="dim")
+        line.append(f"{code} {fmt_count(total)}")
+        per_s = rate(prev, cur, name, code=code)
+        if per_s is not None:
+            line.append(f" ({fmt_rate(per_s)})", style="yellow" if per_s else "dim")
+    return line
 
 
 def _latency_line(prev: Sample, cur: Sample, interval: float, measured: bool) -> Text:
@@ -731,8 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=cli_args.prog("top"),
         description="A live, one-screen view of a running engine, from its /metrics and /health: throughput "
-        "with a sparkline of the last minute, commit latency p50/p99, batch sizes, flush cuts, ring fill, "
-        "lanes, workers, the database, the breaker and alerts. Keys: q quits (so does Ctrl-C).",
+        "with a sparkline of the last minute, dead letters by code, commit latency p50/p99, batch sizes, flush "
+        "cuts, ring fill, backpressure, lanes, workers, the database, the breaker and alerts. "
+        "Keys: q quits (so does Ctrl-C).",
         epilog="Exit status: 0 quit (q, Ctrl-C) or --once drew a frame; 1 --once could not reach the engine; "
         "2 bad arguments.",
         formatter_class=cli_args.HelpFormatter,
