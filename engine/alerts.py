@@ -7,12 +7,15 @@ that history:
 ``error_rate``
     dead-lettered over answered-by-a-lane (committed + dead-lettered) in the
     trailing ``alert_error_rate_for_s`` (default 300 s) exceeds
-    ``alert_error_rate`` (0.01). Needs the whole window of history, so one
-    early dead letter cannot fire it: "> 1% for 5 minutes".
+    ``alert_error_rate`` (0.01): "> 1% for 5 minutes". Decided only once
+    the engine has run a whole window, and only over at least
+    ``MIN_INTENTS`` (100) answered intents: below that it does not fire.
 ``latency_p95``
     the p95 of received -> committed latency over the trailing
     ``alert_latency_for_s`` (600 s), from the histogram's buckets, exceeds
-    ``alert_latency_p95_ms`` (50 ms). Also needs the whole window.
+    ``alert_latency_p95_ms`` (50 ms). Also needs the whole window and
+    ``MIN_INTENTS`` commits; a window with no commit at all (the database
+    down) leaves it as it was, so it does not clear while intents wait.
 ``flush_failures``
     some lane's consecutive failed batch writes exceed
     ``alert_flush_failures`` (3).
@@ -38,6 +41,9 @@ from engine.options import Options
 log = logging.getLogger(__name__)
 
 NAMES = ("error_rate", "latency_p95", "flush_failures", "memory")
+# A windowed alert needs this many intents answered in its window to fire:
+# one dead letter (or one slow commit) in a quiet window is not a rate.
+MIN_INTENTS = 100
 
 
 @dataclass
@@ -114,14 +120,19 @@ class Alerts:
         if then is not None:
             dead = sample.dead_lettered - then.dead_lettered
             answered = sample.committed - then.committed + dead
-            error_rate = dead / answered if answered else 0.0
+            error_rate = dead / answered if answered >= MIN_INTENTS else 0.0
         self._set("error_rate", error_rate)
 
         then = self._window(now, self.latency_window_s)
         p95 = None
         if then is not None:
             counts = [a - b for a, b in zip(sample.latency_buckets, then.latency_buckets, strict=True)]
-            p95 = quantile(0.95, counts) if sum(counts) else 0.0
+            n = sum(counts)
+            # Nothing committed in the window (an outage, or idle): no new
+            # evidence, the alert stays as it is rather than clearing while
+            # intents wait. A few commits are too few to say "p95".
+            if n:
+                p95 = quantile(0.95, counts) if n >= MIN_INTENTS else 0.0
         self._set("latency_p95", p95)
         self._set("flush_failures", float(sample.consecutive_failures))
         self._set("memory", rss_ratio)

@@ -39,7 +39,7 @@ def exit_name(code: int) -> str:
 # Flusher words that are levels, not counts: summed over lanes they would lie.
 _GAUGES = {
     F.LAST_FLUSH_WALL_NS: max,
-    F.LAST_BATCH_SIZE: max,
+    F.LAST_BATCH_SIZE: max,  # replaced below by the latest lane's
     F.BATCH_LIMIT: max,
     F.BREAKER: lambda states: OPEN if OPEN in states else max(states),  # open beats half-open beats closed
     F.CONSECUTIVE_FAILURES: max,
@@ -59,7 +59,10 @@ def iso(wall_ns: int) -> str | None:
 def lanes_total(control: Control) -> list[int]:
     """The flusher words of every lane combined: counts summed, levels by _GAUGES."""
     rows = [c.snapshot() for c in control.flushers]
-    return [_GAUGES[i]([r[i] for r in rows]) if i in _GAUGES else sum(r[i] for r in rows) for i in range(len(rows[0]))]
+    total = [_GAUGES[i]([r[i] for r in rows]) if i in _GAUGES else sum(r[i] for r in rows) for i in range(len(rows[0]))]
+    # The last batch is the latest lane's: its size goes with its time.
+    total[F.LAST_BATCH_SIZE] = max(rows, key=lambda r: r[F.LAST_FLUSH_WALL_NS])[F.LAST_BATCH_SIZE]
+    return total
 
 
 def health(control: Control, *, draining: bool) -> dict:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,6 +36,8 @@ from ipc.control import Flusher as F
 from ipc.control import Ingest as I
 
 log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT_S = 5.0
 
 
 def _histogram_family(h: Histogram, lanes: list[list[int]], label: str = "lane") -> HistogramMetricFamily:
@@ -200,35 +204,56 @@ class ObservabilityServer:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             server_version = "batchscheduler"
+            # A client that sends half a request is dropped after this long.
+            timeout = REQUEST_TIMEOUT_S
 
             def do_GET(self) -> None:
+                self._answer(head=False)
+
+            def do_HEAD(self) -> None:  # health checkers that only look at the status
+                self._answer(head=True)
+
+            def _answer(self, *, head: bool) -> None:
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
-                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
+                    self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry), head)
                 elif path == "/health":
                     body = health_fn()
-                    self._send(200 if body["is_healthy"] else 503, "application/json", json.dumps(body).encode())
+                    code = 200 if body["is_healthy"] else 503
+                    self._send(code, "application/json", json.dumps(body).encode(), head)
                 else:
-                    self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics or /health\n")
+                    self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics or /health\n", head)
 
-            def _send(self, code: int, ctype: str, body: bytes) -> None:
+            def _send(self, code: int, ctype: str, body: bytes, head: bool) -> None:
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not head:
+                    self.wfile.write(body)
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("http: " + format, *args)
 
-        self.httpd = http.server.ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 128  # the listen backlog (socketserver's default is 5)
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # A client gone mid-request (reset, broken pipe, timeout) is
+                # the client's business: one debug line, never a traceback
+                # on stderr (which would break --log-format json).
+                exc = sys.exc_info()[1]
+                log.debug("http: request from %s ended: %s: %s", client_address, type(exc).__name__, exc)
+
+        self.httpd = Server((host, port), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="observability", daemon=True)
 
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def start(self) -> None:
         self.thread.start()

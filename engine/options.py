@@ -9,6 +9,7 @@ value and the source it came from.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -137,6 +138,10 @@ def _check(ok: bool, field: str, value: Any, why: str) -> None:
 
 
 def _validate(o: Options) -> None:
+    for name, typ in FIELDS.items():
+        value = getattr(o, name)
+        # inf and nan pass every comparison below and cannot travel to the workers as JSON.
+        _check(typ not in (float, "float") or math.isfinite(value), name, value, "must be a finite number")
     _check(
         0 < o.time_window_ms <= 60_000, "time_window_ms", o.time_window_ms, "must be > 0 and <= 60000 (milliseconds)"
     )
@@ -238,7 +243,12 @@ def _validate(o: Options) -> None:
     for name in ("alert_error_rate_for_s", "alert_latency_for_s"):
         value = getattr(o, name)
         _check(1 <= value <= 86_400, name, value, "must be between 1 and 86400 seconds")
-    _check(o.alert_flush_failures >= 1, "alert_flush_failures", o.alert_flush_failures, "must be >= 1")
+    _check(
+        1 <= o.alert_flush_failures <= 1_000_000,
+        "alert_flush_failures",
+        o.alert_flush_failures,
+        "must be between 1 and 1000000",
+    )
     _check(0 < o.alert_memory_ratio <= 1, "alert_memory_ratio", o.alert_memory_ratio, "must be a fraction > 0 and <= 1")
 
 

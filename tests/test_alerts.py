@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from engine.alerts import Alerts
+from engine.alerts import MIN_INTENTS, Alerts
 from engine.metrics import COMMIT_LATENCY, Sample, quantile, stats_line
 from engine.options import Options, from_mapping
 
@@ -54,6 +54,26 @@ def test_error_rate_needs_the_whole_window_then_fires_and_clears_once(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert sum("error_rate firing" in m for m in messages) == 1
     assert sum("error_rate cleared" in m for m in messages) == 1
+
+
+def test_a_lone_early_dead_letter_is_no_rate_and_fires_nothing():
+    alerts = Alerts(from_mapping({"alert_error_rate_for_s": 5, "alert_latency_for_s": 5, "alert_latency_p95_ms": 5}))
+    alerts.evaluate(sample(), rss_ratio=0, now=0)
+    alerts.evaluate(sample(dead=1, buckets=latency(0.02, 1)), rss_ratio=0, now=5)
+    assert alerts.firing() == {"error_rate": False, "latency_p95": False, "flush_failures": False, "memory": False}
+    alerts.evaluate(sample(dead=MIN_INTENTS, buckets=latency(0.02, MIN_INTENTS)), rss_ratio=0, now=6)
+    assert alerts.firing()["error_rate"] and alerts.firing()["latency_p95"]
+
+
+def test_latency_stays_firing_while_nothing_commits():
+    alerts = Alerts(from_mapping({"alert_latency_for_s": 5}))
+    slow = latency(0.09, 500)
+    alerts.evaluate(sample(), rss_ratio=0, now=0)
+    alerts.evaluate(sample(buckets=slow), rss_ratio=0, now=5)
+    assert alerts.firing()["latency_p95"]
+    for t in range(11, 40):  # the database is down: no commit at all
+        alerts.evaluate(sample(buckets=slow), rss_ratio=0, now=t)
+    assert alerts.firing()["latency_p95"]
 
 
 def test_an_error_rate_at_the_threshold_does_not_fire():
@@ -107,6 +127,10 @@ def test_the_stats_line_reads_an_interval():
         ("stats_interval_s", 0.5),
         ("stats_interval_s", -1),
         ("log_format", "xml"),
+        ("alert_latency_p95_ms", float("inf")),
+        ("alert_error_rate", float("nan")),
+        ("time_window_ms", float("inf")),
+        ("alert_flush_failures", 10**20),
     ],
 )
 def test_bad_alert_and_log_options_name_the_field(field, bad):

@@ -148,7 +148,8 @@ def test_error_rate_alert_fires_and_clears_once_each_in_health_metrics_and_log(e
     engine = engine_factory("--lanes", "1", "--alert-error-rate-for-s", "2", "--stats-interval-s", "1")
     assert _alert(engine, "error_rate")["firing"] is False
     with Client(engine.socket, client_id="al", first_seq=1, timeout=60) as client:
-        client.submit_many([client.intent("nobody", "move", {"dx": 1, "dy": 0}) for _ in range(20)])
+        # At least engine.alerts.MIN_INTENTS in the window, or it is no rate.
+        client.submit_many([client.intent("nobody", "move", {"dx": 1, "dy": 0}) for _ in range(alerts.MIN_INTENTS)])
         fired = wait_for(lambda: (a := _alert(engine, "error_rate"))["firing"] and a, 20, "error_rate to fire")
         assert fired["value"] > fired["threshold"] == 0.01 and fired["since"].endswith("Z")
         m = scrape(engine)
@@ -206,3 +207,41 @@ def test_socket_metrics_speak_seconds_iso_times_and_state_names(engine):
     assert m["answered_by"]["role"] == "ingest 0"
     assert 0 < m["commit_latency_s"]["p50"] <= m["commit_latency_s"]["p99"]
     assert m["ingests"][0]["paused"] is False and m["ingests"][0]["backpressure_s"] >= 0
+
+
+def test_clients_that_leave_early_cost_no_traceback_and_head_answers(engine_factory):
+    import struct
+
+    engine = engine_factory("--log-format", "json")
+    host, port = base_url(engine).removeprefix("http://").rsplit(":", 1)
+    for path in ("/metrics", "/nope", "/health"):
+        for _ in range(3):  # the reply meets a reset connection
+            s = socket.create_connection((host, int(port)))
+            s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # half a request, then gone
+    head = urllib.request.Request(base_url(engine) + "/health", method="HEAD")
+    with urllib.request.urlopen(head, timeout=10) as r:
+        assert r.status == 200 and r.read() == b"" and int(r.headers["Content-Length"]) > 0
+    post = urllib.request.Request(base_url(engine) + "/metrics", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(post, timeout=10)
+    assert refused.value.code == 501
+    refused.value.close()
+    assert health(engine)[0] == 200  # still serving
+    assert engine.stop() == 0
+    for line in engine.log().splitlines():  # every stderr line is still one JSON record
+        assert json.loads(line)["message"] is not None, line
+
+
+def test_metrics_serve_on_ipv6_loopback(engine_factory):
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    engine = engine_factory("--metrics-addr", "[::1]:0")
+    assert base_url(engine).startswith("http://[::1]:")
+    assert health(engine)[0] == 200

@@ -277,9 +277,12 @@ def _check_code(code: str) -> None:
     raise argparse.ArgumentTypeError(f"unknown code {code!r}; dead-letter codes: {known}")
 
 
+BIGINT_MAX = 2**63 - 1  # ids and limits travel to PostgreSQL as bigint
+
+
 def _check_id(text: str) -> None:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"ids are positive integers, got {text!r}")
+    if not text.isdigit() or not 1 <= int(text) <= BIGINT_MAX:
+        raise argparse.ArgumentTypeError(f"ids are positive integers up to {BIGINT_MAX}, got {text!r}")
 
 
 def _ids(text: str) -> list[int]:
@@ -320,7 +323,10 @@ def _client_id(text: str) -> str:
 def _limit(text: str) -> int:
     from .bench.args import nonnegative_int
 
-    return nonnegative_int(text)
+    value = nonnegative_int(text)
+    if value > BIGINT_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {BIGINT_MAX}, got {text!r}")
+    return value
 
 
 _EXITS = (
