@@ -80,14 +80,15 @@ class _Pending:
 class _Job:
     """One cut batch on its way to the database."""
 
-    __slots__ = ("first_ns", "reason", "size", "skip", "takes", "write", "write_s")
+    __slots__ = ("due_ns", "first_ns", "reason", "size", "skip", "takes", "write", "write_s")
 
-    def __init__(self, takes, skip, size: int, reason: str, first_ns: int, write: BatchWrite) -> None:
+    def __init__(self, takes, skip, size: int, reason: str, first_ns: int, due_ns: int, write: BatchWrite) -> None:
         self.takes = takes  # [(ring index, count)] in batch order
         self.skip = skip  # records of each ring an earlier in-flight batch took
         self.size = size
         self.reason = reason
         self.first_ns = first_ns
+        self.due_ns = due_ns  # when the cut was due: its window's end (time), else the cut itself
         self.write = write  # planned by the lane store
         self.write_s = 0.0  # the commit's duration, for the commit-duration histogram
 
@@ -287,8 +288,11 @@ class FlusherProcess:
             first_ns = pend.recv_ns[off] if first_ns is None else min(first_ns, pend.recv_ns[off])
         mono_now, cut_wall = time.monotonic_ns(), time.time()
         first_wall = cut_wall - (mono_now - first_ns) / _NS
+        due_ns = mono_now
+        if reason == policy.TIME:
+            due_ns = min(mono_now, first_ns + self.window_ns - self.lead.lead_ns(self.window_ns))
         write = self.store.plan(b"[" + b",".join(parts) + b"]", len(parts), reason, first_wall, cut_wall)
-        return _Job(takes, skip, len(parts), reason, first_ns, write)
+        return _Job(takes, skip, len(parts), reason, first_ns, due_ns, write)
 
     def _commit(self, job: _Job) -> WriteResult:
         """May run on the writer thread: the store's whole write, timed."""
@@ -297,7 +301,6 @@ class FlusherProcess:
             return self.store.commit(job.write)
         finally:
             job.write_s = time.monotonic() - t0
-            self.lead.observe(job.write_s)
 
     def _acknowledge(self, job: _Job, result: WriteResult) -> None:
         """Durable: tell the ingests, outcomes before cursors."""
@@ -324,6 +327,8 @@ class FlusherProcess:
         if result.path == ISOLATED:
             self.counters.add(F.FALLBACKS, 1)
         self._account(result, job.size, job.reason, latency_s)
+        # Due -> acknowledged: wake-up lateness, planning, the commit and the hand-off.
+        self.lead.observe((time.monotonic_ns() - job.due_ns) / _NS)
         dead_codes = collections.Counter(o[1] for o in result.outcomes.values() if o[0] == DEAD_LETTERED and not o[3])
         metrics.record_batch(
             self.histograms, result.new, now_ns - np.array(arrivals, dtype=np.int64), job.write_s, dead_codes

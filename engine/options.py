@@ -42,8 +42,9 @@ class Options(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_batch_size: int = 857
     """...or as soon as it holds this many intents, whichever comes first."""
     window_covers_commit: bool = True
-    """True: a time cut comes early by the lane's expected commit duration,
-    so the window bounds wait plus commit (``engine.policy.CommitLead``);
+    """True: a time cut comes early by the lane's expected time from cut to
+    reply (mostly the commit), so the window bounds wait plus commit
+    (``engine.policy.CommitLead``);
     False: the window bounds the wait alone."""
 
     # --- adaptive batching (the seed's AdaptiveBatchingConfig) ------------
@@ -425,8 +426,8 @@ def socket_path(o: Options) -> str:
 HELP: dict[str, str] = {
     "time_window_ms": "cut a batch this many ms after its first intent arrived (seed default 10)",
     "max_batch_size": "cut a batch as soon as it holds this many intents (seed default 857)",
-    "window_covers_commit": "cut a time-triggered batch early by the lane's expected commit duration (at most half "
-    "the window), so an intent's wait plus its commit stays within time_window_ms",
+    "window_covers_commit": "cut a time-triggered batch early by the lane's expected time from cut to reply (mostly "
+    "the commit; at most half the window), so an intent's wait plus its commit stays within time_window_ms",
     "adaptive_batching": "adjust the size limit between min_batch_size and max_batch_size from error rate and latency",
     "min_batch_size": "lower bound of the adaptive size limit (seed: 50)",
     "adjustment_factor": "fraction the adaptive limit moves per step (seed: 0.1-0.2)",

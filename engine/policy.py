@@ -159,7 +159,9 @@ class CommitLead:
     intent's wait plus its batch's commit stays within the window (the
     product's promise: at most the window in added latency).
 
-    The lead is a high estimate of the lane's commit duration: the smoothed
+    The flusher observes, per batch, the time from when the cut was due to
+    when its outcomes were handed back (wake-up lateness, planning, the
+    commit, the hand-off). The lead is a high estimate of that: the smoothed
     mean plus two smoothed mean deviations (~20 batches of memory), never
     more than half the window, so a slow database cannot shrink batching to
     nothing. Off (``enabled=False``) the lead is 0: the window is wait only."""
