@@ -20,10 +20,13 @@ import asyncio
 import collections
 import contextlib
 import logging
+import operator
 import os
 import signal
 import socket
 import time
+from collections.abc import Sequence
+from itertools import repeat
 from typing import Any
 
 import msgspec
@@ -45,6 +48,17 @@ from ipc.ring import Ring
 from ipc.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
+
+_FRAME_INDEX = operator.itemgetter(0)
+_REPLY = operator.itemgetter(1)
+_KIND = operator.attrgetter("kind")
+# What encoding a record (or re-encoding a MessagePack intent) can raise:
+# args MessagePack carries and JSON cannot hold.
+_UNENCODABLE = (msgspec.EncodeError, TypeError, ValueError, RecursionError, OverflowError)
+# Entities whose lane (engine.lanes.lane_of) an ingest remembers: a dict
+# lookup instead of a CRC per intent. Cleared when full, so a client that
+# invents ids cannot grow it without bound (~10 MB at most).
+LANE_CACHE_ENTITIES = 1 << 16
 
 # What msgspec raises on bytes it cannot turn into the expected type. Invalid
 # UTF-8 surfaces as UnicodeDecodeError or DecodeError depending on the msgspec
@@ -168,6 +182,9 @@ class IngestProcess:
         self.lanes = control.map.lanes
         # One ring per lane: ring [index][l] feeds flusher lane l.
         self.rings = control.intent_rings[index]
+        # The largest stored record a ring takes. A frame within max_frame_bytes
+        # can still re-encode larger (escapes, floats): such an intent is refused.
+        self.max_record = min(ring.max_payload for ring in self.rings)
         for ring in self.rings:
             ring.resume_producer()
         self.inboxes = [OutcomeInbox(ring, out) for ring, out in zip(self.rings, control.outcome_rings[index])]
@@ -177,6 +194,7 @@ class IngestProcess:
         self.release_wake = release_wake
         self.options = options
         self.schemas = schemas  # kind -> the Struct its args must fit (None: any object)
+        self._lane_cache: dict[str, int] = {}
         self.counters = control.ingest[index]
         self.connections: set[Connection] = set()
         # Per lane, in ring order: (position, conn, client_id, seq) of every
@@ -312,90 +330,27 @@ class IngestProcess:
         return wire.frame_json(self._json.encode(reply))
 
     def handle_frames(self, conn: Connection, frames: list) -> None:
+        """One socket read's frames to ring records, stage by stage over the
+        whole read: decode the frames; encode the records; check them (cheap
+        tests first, ``record_problem`` only for what they do not clear,
+        then the args schema); route them; append one ring run per lane.
+        Every refusal is answered in frame order, whichever stage found it."""
         packed = conn.reader.mode == wire.MODE_MSGPACK
-        decode = self._dec_pack.decode if packed else self._dec_json.decode
-        encode_record = self._json.encode
-        lanes = self.lanes
-        # A lane whose breaker is open answers busy; the others carry on.
-        open_lanes = [f.get(F.BREAKER) == 1 for f in self.control.flushers]
         recv_ns = time.monotonic_ns()
-        recv_us = time.time_ns() // 1000
-        schemas = self.schemas
-        backlog = conn.backlog
-        accepted = rejected = 0
-        for frame in frames:
-            if isinstance(frame, wire.FrameError):
-                rejected += 1
-                conn.send(self.encode_reply(conn, Reply(None, None, im.REJECTED, frame.code, frame.reason)))
-                continue
-            try:
-                intent = decode(frame)
-            except _UNDECODABLE as exc:
-                if not self._control_request(conn, frame, packed):
-                    rejected += 1
-                    conn.send(self._rejection(conn, frame, packed, exc))
-                continue
-            if intent.kind not in schemas:
-                rejected += 1
-                conn.send(
-                    self.encode_reply(
-                        conn,
-                        Reply(
-                            intent.client_id,
-                            intent.seq,
-                            im.REJECTED,
-                            codes.UNKNOWN_KIND,
-                            f"unknown kind {intent.kind!r}; known kinds: {', '.join(sorted(schemas))}",
-                        ),
-                    )
-                )
-                continue
-            try:
-                # One encode for the whole record; the checks then scan its
-                # bytes (C speed) and only walk the value when they must.
-                payload = encode_record(
-                    DecodedRecord(intent.client_id, intent.seq, intent.entity, intent.kind, intent.args, recv_us)
-                )
-                bad = im.record_problem(intent, payload, frame, packed)
-            except (msgspec.EncodeError, TypeError, ValueError, RecursionError, OverflowError) as exc:
-                # msgpack can carry what JSON cannot: ext types, non-string
-                # keys, lone surrogates. Name the place where we can.
-                bad = im.json_problem(intent.args) or f"args cannot be stored as JSON ({type(exc).__name__}: {exc})"
-            if not bad:
-                schema = schemas[intent.kind]
-                if schema is not None and (wrong := args_problem(schema, intent.args)) is not None:
-                    bad = f"invalid args for {intent.kind}: {wrong}"
-            if bad:
-                rejected += 1
-                conn.send(
-                    self.encode_reply(
-                        conn, Reply(intent.client_id, intent.seq, im.REJECTED, codes.INVALID, im.clip_reason(bad))
-                    )
-                )
-                continue
-            lane = lane_of(intent.entity, lanes)
-            if open_lanes[lane] or self.draining:
-                conn.send(
-                    self.encode_reply(
-                        conn,
-                        Reply(
-                            intent.client_id,
-                            intent.seq,
-                            im.BUSY,
-                            codes.SHUTTING_DOWN if self.draining else codes.DATABASE_UNAVAILABLE,
-                            "engine is shutting down; resend later"
-                            if self.draining
-                            else "database unavailable (circuit breaker open); nothing stored, resend later",
-                        ),
-                    )
-                )
-                continue
-            backlog.append((payload, recv_ns, intent.client_id, intent.seq, lane))
-            accepted += 1
+        refusals: list[tuple[int, bytes]] = []  # (frame index, reply): what is answered now
+        order, intents, sources, rejected = self.decode_frames(conn, frames, packed, refusals)
+        accepted = 0
+        if intents:
+            payloads, bad = self.encode_records(intents)
+            self.check_records(intents, payloads, sources, packed, bad)
+            for k, reason in bad.items():
+                reply = Reply(intents[k].client_id, intents[k].seq, im.REJECTED, codes.INVALID, im.clip_reason(reason))
+                refusals.append((order[k], self.encode_reply(conn, reply)))
+            rejected += len(bad)
+            accepted = self.route_and_append(conn, intents, payloads, bad, order, recv_ns, refusals)
         if accepted:
             self.counters.add(I.RECEIVED, accepted)
             conn.in_flight += accepted
-            self._write_backlog(conn)
             if conn.backlog and conn not in self.blocked:
                 self.blocked.append(conn)
                 conn.pause("ring")
@@ -404,7 +359,175 @@ class IngestProcess:
                 conn.pause("inflight")
         if rejected:
             self.counters.add(I.REJECTED, rejected)
+        if refusals:
+            refusals.sort(key=_FRAME_INDEX)
+            conn.out += map(_REPLY, refusals)
         conn.flush()
+
+    def decode_frames(
+        self, conn: Connection, frames: list, packed: bool, refusals: list[tuple[int, bytes]]
+    ) -> tuple[Sequence[int], list[Intent], list[bytes], int]:
+        """Decode every frame: the intents of a known kind, with their frame
+        indexes and bytes, and how many frames were rejected. Control
+        messages are answered, everything else refused (``refusals``).
+        A read of nothing but intents of known kinds takes one C loop."""
+        decode = self._dec_pack.decode if packed else self._dec_json.decode
+        schemas = self.schemas
+        try:
+            intents: list[Intent] = list(map(decode, frames))  # a FrameError is a TypeError here
+            if schemas.keys() >= set(map(_KIND, intents)):
+                return range(len(frames)), intents, frames, 0
+        except _UNDECODABLE:
+            pass
+        order: list[int] = []
+        intents = []
+        sources: list[bytes] = []
+        rejected = 0
+        for index, frame in enumerate(frames):
+            if isinstance(frame, wire.FrameError):
+                rejected += 1
+                refusals.append(
+                    (index, self.encode_reply(conn, Reply(None, None, im.REJECTED, frame.code, frame.reason)))
+                )
+                continue
+            try:
+                intent = decode(frame)
+            except _UNDECODABLE as exc:
+                control = self._control_request(conn, frame, packed)
+                if control is None:
+                    rejected += 1
+                    control = self._rejection(conn, frame, packed, exc)
+                refusals.append((index, control))
+                continue
+            if intent.kind not in schemas:
+                reason = f"unknown kind {intent.kind!r}; known kinds: {', '.join(sorted(schemas))}"
+                reply = Reply(intent.client_id, intent.seq, im.REJECTED, codes.UNKNOWN_KIND, reason)
+                refusals.append((index, self.encode_reply(conn, reply)))
+                rejected += 1
+                continue
+            order.append(index)
+            intents.append(intent)
+            sources.append(frame)
+        return order, intents, sources, rejected
+
+    def encode_records(self, intents: list[Intent]) -> tuple[list[bytes], dict[int, str]]:
+        """Each intent's ring record (a compact JSON array, ``DecodedRecord``),
+        and why, by intent index, a record could not be encoded at all."""
+        encode = self._json.encode
+        recv_us = time.time_ns() // 1000
+        bad: dict[int, str] = {}
+        try:
+            return [encode(DecodedRecord(i.client_id, i.seq, i.entity, i.kind, i.args, recv_us)) for i in intents], bad
+        except _UNENCODABLE:
+            pass
+        payloads: list[bytes] = []
+        for k, intent in enumerate(intents):
+            try:
+                payloads.append(
+                    encode(
+                        DecodedRecord(intent.client_id, intent.seq, intent.entity, intent.kind, intent.args, recv_us)
+                    )
+                )
+            except _UNENCODABLE as exc:
+                # msgpack can carry what JSON cannot: ext types, non-string
+                # keys, lone surrogates. Name the place where we can.
+                payloads.append(b"")
+                bad[k] = im.json_problem(intent.args) or f"args cannot be stored as JSON ({type(exc).__name__}: {exc})"
+        return payloads, bad
+
+    def check_records(
+        self, intents: list[Intent], payloads: list[bytes], sources: list[bytes], packed: bool, bad: dict[int, str]
+    ) -> None:
+        """Why, by intent index, a record cannot be stored (added to ``bad``):
+        ``record_problem`` for what the cheap tests (``im.suspects``) do not
+        clear, then the kind's args schema."""
+        for k in im.suspects(intents, payloads, sources, packed):
+            if k not in bad:
+                try:
+                    reason = im.record_problem(intents[k], payloads[k], sources[k], packed)
+                except _UNENCODABLE as exc:
+                    reason = im.json_problem(intents[k].args) or (
+                        f"args cannot be stored as JSON ({type(exc).__name__}: {exc})"
+                    )
+                if reason is not None:
+                    bad[k] = reason
+        if payloads and max(map(len, payloads)) > self.max_record:
+            for k, payload in enumerate(payloads):
+                if len(payload) > self.max_record and k not in bad:
+                    bad[k] = (
+                        f"stored as {len(payload)} bytes, more than a ring record holds ({self.max_record}); "
+                        "shorten args or raise ring_bytes"
+                    )
+        schemas, convert = self.schemas, msgspec.convert
+        for k, intent in enumerate(intents):
+            schema = schemas[intent.kind]
+            if schema is None or k in bad:
+                continue
+            try:  # msgspec directly; args_problem only to name what failed
+                convert(intent.args, schema)
+            except msgspec.ValidationError:
+                bad[k] = f"invalid args for {intent.kind}: {args_problem(schema, intent.args)}"
+
+    def route_and_append(
+        self,
+        conn: Connection,
+        intents: list[Intent],
+        payloads: list[bytes],
+        bad: dict[int, str],
+        order: Sequence[int],
+        recv_ns: int,
+        refusals: list[tuple[int, bytes]],
+    ) -> int:
+        """Route the storable intents (all but ``bad``) to their lanes
+        (``busy`` where the lane's breaker is open or the ingest drains) and
+        append one ring run per lane; what a full ring does not take waits
+        in the connection's backlog. Returns how many were accepted."""
+        lanes = self.lanes
+        # A lane whose breaker is open answers busy; the others carry on.
+        open_lanes = [f.get(F.BREAKER) == 1 for f in self.control.flushers]
+        lane_cache = self._lane_cache
+        runs: list[list[int]] = [[] for _ in range(lanes)]  # intent indexes, per lane
+        for k, intent in enumerate(intents):
+            if bad and k in bad:
+                continue
+            lane = lane_cache.get(intent.entity)
+            if lane is None:
+                if len(lane_cache) >= LANE_CACHE_ENTITIES:
+                    lane_cache.clear()
+                lane = lane_cache[intent.entity] = lane_of(intent.entity, lanes)
+            if open_lanes[lane] or self.draining:
+                reply = Reply(
+                    intent.client_id,
+                    intent.seq,
+                    im.BUSY,
+                    codes.SHUTTING_DOWN if self.draining else codes.DATABASE_UNAVAILABLE,
+                    "engine is shutting down; resend later"
+                    if self.draining
+                    else "database unavailable (circuit breaker open); nothing stored, resend later",
+                )
+                refusals.append((order[k], self.encode_reply(conn, reply)))
+                continue
+            runs[lane].append(k)
+        accepted = 0
+        backlog = conn.backlog
+        for lane, ks in enumerate(runs):
+            if not ks:
+                continue
+            accepted += len(ks)
+            written = 0
+            if not backlog:  # else behind what already waits: in order, through the backlog
+                positions: list[int] = []
+                with self.rings[lane].claim() as claim:
+                    written = claim.try_append_run([payloads[k] for k in ks], recv_ns, positions)
+                if written:
+                    self.waiting[lane].extend(
+                        zip(positions, repeat(conn), [intents[k].client_id for k in ks], [intents[k].seq for k in ks])
+                    )
+                    self.data_wakes[lane].signal()
+            backlog.extend((payloads[k], recv_ns, intents[k].client_id, intents[k].seq, lane) for k in ks[written:])
+        if backlog:
+            self._write_backlog(conn)
+        return accepted
 
     def _write_backlog(self, conn: Connection) -> bool:
         """Move the connection's backlog into its lanes' rings, in order;
@@ -429,17 +552,17 @@ class IngestProcess:
             self.data_wakes[lane].signal()
         return not backlog
 
-    def _control_request(self, conn: Connection, frame: bytes, packed: bool) -> bool:
-        """Answer ``frame`` when it is a control message (``{"op": …}``,
+    def _control_request(self, conn: Connection, frame: bytes, packed: bool) -> bytes | None:
+        """The answer to ``frame`` when it is a control message (``{"op": …}``,
         nothing else): its reply, or ``unknown_op``, or ``invalid`` for a
-        duplicate key. False when it is not one."""
+        duplicate key. None when it is not one."""
         try:
             req = (self._req_pack if packed else self._req_json).decode(frame)
         except _UNDECODABLE:
             req = None
         op = req.op if req is not None else im.unknown_op(frame, packed)
         if op is None:
-            return False
+            return None
         dup = wire.msgpack_duplicate_key(frame) if packed else wire.json_duplicate_key(frame)
         if dup is not None or req is None:
             code, reason = (
@@ -448,13 +571,11 @@ class IngestProcess:
                 else (codes.UNKNOWN_OP, f"unknown op {op!r}; known ops: {', '.join(im.CONTROL_OPS)}")
             )
             self.counters.add(I.REJECTED, 1)
-            conn.send(self.encode_reply(conn, Reply(None, None, im.REJECTED, code, im.clip_reason(reason))))
-            return True
+            return self.encode_reply(conn, Reply(None, None, im.REJECTED, code, im.clip_reason(reason)))
         body = {"op": req.op, "status": "ok"}
         if req.op in ("health", "metrics"):
             body.update(self.health() if req.op == "health" else self.metrics())
-        conn.send(wire.frame_msgpack(self._pack.encode(body)) if packed else wire.frame_json(self._json.encode(body)))
-        return True
+        return wire.frame_msgpack(self._pack.encode(body)) if packed else wire.frame_json(self._json.encode(body))
 
     def _rejection(self, conn: Connection, frame: bytes, packed: bool, exc: Exception) -> bytes:
         # Invalid UTF-8 is found by the engine itself and takes precedence

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import math
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal, get_args
 
 import msgspec
@@ -352,6 +353,49 @@ def duplicate_key(intent: Intent, frame: bytes, record_json: bytes, packed: bool
     if (extra == 4 or (extra == 5 and (intent.args or _empty_args(frame)))) and frame.find(b"\\u003") < 0:
         return None  # (and no colon was written as an escape)
     return wire.json_duplicate_key(frame)
+
+
+def suspects(intents: Sequence[Intent], records: Sequence[bytes], frames: Sequence[bytes], packed: bool) -> list[int]:
+    """The indexes of the intents whose records ``record_problem`` must
+    look at; for every other one it would return None.
+
+    One cheap test per check, each a sufficient condition for the check to
+    pass, and none a Python call: the record's brackets and backslashes are
+    exactly ``[{}]`` (no escape, so no NUL; args one flat object, so not too
+    deep and no map below args); MessagePack: no byte of a type JSON cannot
+    hold in the frame, and the frame is its own canonical encoding (no key
+    dropped); JSON: 5 more colons in the line than in the record with args
+    not empty, and no escaped colon (no key dropped, see ``duplicate_key``).
+    Strings holding brackets, nested args, other encoders' MessagePack all
+    go the long way, to ``record_problem``."""
+    out: list[int] = []
+    if packed:
+        encode = _PACK.encode
+        try:
+            for k, (intent, record, frame) in enumerate(zip(intents, records, frames)):
+                if (
+                    record.translate(None, _NOT_SHAPE) != _FLAT_RECORD
+                    or not frame.translate(_MSGPACK_SUSPECT).isascii()
+                    or encode(intent) != frame
+                ):
+                    out.append(k)
+        except (msgspec.EncodeError, TypeError, ValueError, OverflowError, RecursionError):
+            return list(range(len(intents)))
+    else:
+        for k, (intent, record, frame) in enumerate(zip(intents, records, frames)):
+            if (
+                record.translate(None, _NOT_SHAPE) != _FLAT_RECORD
+                or frame.count(b":") - record.count(b":") != 5
+                or not intent.args
+                or frame.find(b"\\u003") >= 0
+            ):
+                out.append(k)
+    return out
+
+
+# A record's shape: its brackets and backslashes, everything else deleted.
+_NOT_SHAPE = bytes(b for b in range(256) if b not in b"[]{}\\")
+_FLAT_RECORD = b"[{}]"
 
 
 def _depth(value: Any) -> int:

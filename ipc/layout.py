@@ -31,6 +31,10 @@ fit before the end; the reader skips straight to the start of the next lap.
 A pad needs only its first 8 bytes, so it fits in any tail (tails are
 multiples of 8 because every record is).
 
+Read as little-endian int64 words (how the bulk paths see it), a record is
+word 0 = ``LENGTH | TYPE << 32`` (``header_word``), word 1 = RECV_NS, then
+the payload words; the next record starts ``(LENGTH + 23) >> 3`` words on.
+
 Publication is by cursor, not by length word: the producer writes whole
 records and only then moves ``WRITE_CURSOR`` past them. A producer killed
 mid-record never moved the cursor, so the half-written bytes are invisible and
@@ -38,6 +42,12 @@ its successor simply writes over them.
 """
 
 from __future__ import annotations
+
+import sys
+from typing import Any
+
+if sys.byteorder != "little":  # pragma: no cover - not this machine
+    raise ImportError("ipc.layout reads record headers as little-endian words; this machine is big-endian")
 
 MAGIC = 0x31304E4952534253  # b"BSRING01" little-endian
 CACHE_LINE = 64
@@ -58,6 +68,21 @@ RECORD_HEADER_BYTES = RECV_NS_OFFSET + 8
 TYPE_DATA = 1
 TYPE_PAD = 2
 
+# Bulk access reads the data area as little-endian int64 words: a record
+# starts on a word (``RECORD_ALIGNMENT``), its LENGTH and TYPE are the low
+# and high halves of its first word and RECV_NS is its second word. A run of
+# records is then written and parsed with a few numpy operations on word
+# indexes instead of one ``struct`` call per record.
+WORD_BYTES = RECORD_ALIGNMENT
+WORD_SHIFT = 3  # log2(WORD_BYTES)
+assert WORD_BYTES == 1 << WORD_SHIFT
+LENGTH_TYPE_WORD = LENGTH_OFFSET // WORD_BYTES
+RECV_NS_WORD = RECV_NS_OFFSET // WORD_BYTES
+TYPE_SHIFT = 8 * (TYPE_OFFSET - LENGTH_OFFSET)
+LENGTH_MASK = (1 << TYPE_SHIFT) - 1
+# record_words(n) == (n + WORDS_ROUNDING) >> WORD_SHIFT: header plus payload, rounded up to whole words.
+WORDS_ROUNDING = RECORD_HEADER_BYTES + RECORD_ALIGNMENT - 1
+
 # 4 KiB (one page) is the smallest ring the layout accepts: room for a few
 # small records, and small enough that tests wrap it often (the engine asks
 # for at least 64 KiB, a few of its largest frames: its ring_bytes option).
@@ -75,6 +100,12 @@ def align(n: int) -> int:
 def record_size(payload_len: int) -> int:
     """Bytes a record with a ``payload_len``-byte payload occupies in the ring."""
     return align(RECORD_HEADER_BYTES + payload_len)
+
+
+def header_word(payload_len: Any, record_type: int = TYPE_DATA) -> Any:
+    """The first word of a record: LENGTH in the low half, TYPE in the high
+    half (an int, or an int64 array of lengths)."""
+    return payload_len | record_type << TYPE_SHIFT
 
 
 def ring_bytes(capacity: int) -> int:

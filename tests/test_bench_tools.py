@@ -56,7 +56,7 @@ def ok(proc: subprocess.CompletedProcess) -> str:
 def test_tools_are_executable_and_document_their_options():
     for tool, flags in (
         (BENCH_DB, ("--dsn", "--rows", "--batches", "--batch-size", "--json")),
-        (BENCH_IPC, ("--records", "--repeat", "--chunk", "--max-batch", "--json")),
+        (BENCH_IPC, ("--records", "--repeat", "--chunk", "--max-batch", "--consume", "--ingest-breakdown", "--json")),
     ):
         assert os.access(tool, os.X_OK), f"{tool} is not executable"
         text = ok(run_tool(tool, "--help"))
@@ -147,29 +147,50 @@ def test_bench_ipc_prints_the_handoff_table_and_writes_json(short_tmp):
     )
     assert stdout.startswith("machine: ")
     header = next(line for line in stdout.splitlines() if line.startswith("variant"))
-    for column in ("intents/s", "µs/intent", "ratio vs mp.Queue"):
+    for column in ("intents/s", "µs/intent", "vs mp.Queue list/put", "per round"):
         assert column in header
 
     doc = json.loads(out.read_text())
     assert {"tool", "machine", "params", "baseline", "results"} <= doc.keys()
     assert doc["machine"].keys() >= MACHINE_KEYS
-    assert doc["params"]["n"] == 5000
+    assert doc["params"]["n"] == 5000 and doc["params"]["chunk"] == 64 and doc["params"]["consume"] == "join"
     by_key = {r["key"]: r for r in doc["results"]}
-    assert {"ring", "mp_queue", "mp_queue_batched", "faster_fifo"} <= by_key.keys()
-    for key in ("ring", "mp_queue", "mp_queue_batched"):
+    assert {"ring", "ring_per_record", "mp_queue", "mp_queue_batched", "faster_fifo"} <= by_key.keys()
+    for key in ("ring", "ring_per_record", "mp_queue", "mp_queue_batched"):
         r = by_key[key]
         assert r.keys() >= IPC_RESULT_KEYS
-        assert r["skipped"] is None and len(r["runs"]) == 1
-    assert by_key["mp_queue"]["ratio_to_baseline"] == 1.0
+        assert r["skipped"] is None and len(r["runs"]) == 1 and len(r["round_ratios"]) == 1
+    assert doc["baseline"] == "mp_queue_batched"
+    assert by_key["mp_queue_batched"]["ratio_to_baseline"] == 1.0
     # A 4 KiB ring holds ~45 records, fewer than one 64-record chunk, and
-    # records are invisible until published: the writer must block on a full
-    # ring at least once (backpressure, whatever the timing).
-    assert by_key["ring"]["runs"][0]["writer_full_waits"] > 0
+    # records are invisible until published: each writer must block on a
+    # full ring at least once (backpressure, whatever the timing).
+    for key in ("ring", "ring_per_record"):
+        assert by_key[key]["runs"][0]["writer_full_waits"] > 0
     ff = by_key["faster_fifo"]
     if ff["skipped"]:
         assert "faster-fifo" in ff["skipped"] and "faster_fifo: skipped" in stdout
     else:
         assert len(ff["runs"]) == 1
+
+
+def test_bench_ipc_ingest_breakdown_prints_the_stages_and_writes_json(short_tmp):
+    out = short_tmp / "ingest.json"
+    stdout = ok(run_tool(BENCH_IPC, "--ingest-breakdown", "--records", "640", "--repeat", "1", "--json", str(out)))
+    assert stdout.startswith("machine: ")
+    for stage in ("framing", "decode", "encode", "validate", "route + append", "reply", "before #9"):
+        assert stage in stdout
+
+    doc = json.loads(out.read_text())
+    assert doc["tool"] == "bench_ipc --ingest-breakdown" and doc["machine"].keys() >= MACHINE_KEYS
+    assert doc["params"]["n"] == 640 and doc["params"]["chunk"] == 64
+    assert doc["results"].keys() == {"msgpack", "json"}
+    for result in doc["results"].values():
+        stages = result["stages"]
+        assert stages.keys() == {"framing", "decode", "encode", "validate", "route+append", "reply", "sum"}
+        assert all(v >= 0 for v in stages.values()) and stages["sum"] > 0
+        assert result["end_to_end_before"] > 0 and result["end_to_end_now"] > 0
+        assert len(result["rounds"]) == 1 and len(result["round_ratios"]) == 1
 
 
 def test_bench_ipc_rejects_a_ring_that_is_not_a_power_of_two():

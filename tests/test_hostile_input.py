@@ -1822,3 +1822,35 @@ def test_seeded_fuzz_non_utf8_json_lines_are_answered_not_utf8(fuzz):
     assert cases, "the seed no longer produces non-UTF-8 JSON lines"
     wrong = [(c.data, c.replies) for c in cases if not c.answered_as_documented()]
     assert not wrong, f"{len(wrong)} of {len(cases)} non-UTF-8 lines got another code, e.g. {wrong[:3]}"
+
+
+@pytest.mark.parametrize("framing", ["msgpack", "json"])
+def test_an_intent_that_reencodes_past_a_ring_record_is_invalid_and_the_connection_carries_on(engine_factory, framing):
+    """A frame within max_frame_bytes can grow when stored (a MessagePack
+    \\x01 is six bytes as JSON's \\u0001; JSON's 1e15 is stored as
+    1000000000000000.0): refused ``invalid``; the intents around it in the
+    same write commit."""
+    eng = engine_factory("--ring-bytes", "65536", "--max-frame-bytes", "16384")
+    h = Harness(eng)
+    try:
+        peer = h.peer(framing)
+        if framing == "msgpack":
+            big = intent(seq=2, entity="big", kind="spawn", args={"state": {"t": "\x01" * 6000}})
+            wire_bytes = encode(big, framing)
+        else:  # JSON escapes on the wire too; 1e15 grows to 1000000000000000.0 when stored
+            big = intent(seq=2, entity="big", kind="spawn", args={"state": {"t": []}})
+            wire_bytes = encode(big, framing).replace(b'"t":[]', b'"t":[' + b",".join([b"1e15"] * 3000) + b"]")
+        assert len(wire_bytes) < 16384  # the frame itself is within the limit
+        first = intent(seq=1, entity="a", kind="spawn", args={})
+        last = intent(seq=3, entity="b", kind="spawn", args={})
+        peer.send(encode(first, framing) + wire_bytes + encode(last, framing))
+        replies = {r["seq"]: r for r in (peer.reply() for _ in range(3))}
+        for reply in replies.values():
+            h.note(reply)
+        assert replies[1]["status"] == replies[3]["status"] == "committed"
+        assert_rejection(replies[2], "invalid", client_id="hostile", seq=2, reason="stored as ")
+        assert "more than a ring record holds" in replies[2]["reason"]
+        assert (big["client_id"], 2) not in stored_keys(eng)
+        h.assert_unharmed(peer)
+    finally:
+        h.close()

@@ -2,34 +2,46 @@
 
 The engine hands intents from an ingest process to the flusher through an
 ``ipc.ring.Ring`` in a shared ``ipc.shm.Segment``. This benchmark measures
-that hand-off next to the obvious alternative, ``multiprocessing.Queue``,
-in the same run, with the same records:
+that hand-off next to the alternatives, in the same run, with the same
+records (msgspec-encoded intents, compact JSON arrays of ~70-80 bytes,
+``engine.intent.DecodedRecord``) and the same sizes: the writer hands over
+runs (or lists) of ``--chunk`` records, the reader takes up to
+``--max-batch`` at a time and does the flusher's work with them.
 
 ``ring``
-    One writer process appends msgspec-encoded intents (compact JSON arrays,
-    ~70-80 bytes, ``engine.intent.DecodedRecord``) to the ring, publishes
-    once per ``--chunk`` records (as an ingest does once per socket read) and
-    signals an ``ipc.wakeup.Wakeup``. The reader -- this process -- reads runs
-    of up to ``--max-batch`` records, decodes each run with ONE msgspec call
-    (the payloads joined into a JSON array, as the flusher builds a batch),
-    commits the cursor and signals the writer's "space" wake-up. A full ring
-    makes the writer block on that wake-up.
-``mp_queue``
-    ``multiprocessing.Queue``: ``put`` each encoded record, ``get`` each and
-    decode it. This is the baseline of the ratio column.
+    The writer appends each chunk with ``Ring.try_append_run`` (places from
+    one cumulative sum, one ``struct`` copy, headers by numpy), publishes it
+    with one cursor store and signals an ``ipc.wakeup.Wakeup``. The reader
+    loads the cursor once, reads every complete record up to ``--max-batch``
+    (``Ring.read(copy=True)``), does the consumer's work, releases with one
+    cursor store and signals the writer's "space" wake-up. A full ring makes
+    the writer block on that wake-up.
+``ring_per_record``
+    The same ring driven one record at a time, as before the bulk paths:
+    ``try_append`` per record, the reader's payloads as one memoryview each
+    (what the flusher still asks for).
 ``mp_queue_batched``
-    ``multiprocessing.Queue`` carrying lists of ``--max-batch`` encoded
-    records; each list is decoded in one call like a ring run.
+    ``multiprocessing.Queue`` carrying one list of ``--chunk`` records per
+    ``put``: the baseline of the ratio column.
+``mp_queue``
+    ``multiprocessing.Queue``, one record per ``put`` and ``get``.
 ``faster_fifo``
     ``faster_fifo.Queue`` (``put`` each, ``get_many`` up to ``--max-batch``),
     only when the package is importable; otherwise reported as skipped.
 
+The consumer's work (``--consume``) is the flusher's: ``join`` builds the
+batch text it sends to PostgreSQL (``[`` + the payloads joined by ``,`` +
+``]``); ``decode`` also decodes that batch with one msgspec call, as the
+state planner does. Every variant ends with the same batches, so the
+transport is the difference. The reader checks each run it receives against
+the records sent (its first and last record and its length), so a lost,
+repeated or reordered record fails the round.
+
 Fairness: every variant moves the same pre-encoded ``bytes`` payloads (the
-queues' best case: pickling ``bytes`` is trivial) and ends with the same
-decoded structs, so the transport is the difference. The payloads are built
+queues' best case: pickling ``bytes`` is trivial). The payloads are built
 once, before any child starts; each writer touches them all before it says
 it is ready, so copy-on-write faults are not timed. The clock starts when
-the reader releases the writer and stops when the last record is decoded.
+the reader releases the writer and stops when the last batch is built.
 Rounds are interleaved (ring, queue, batched queue, ring, ...) so drift in a
 shared machine's load hits every variant alike; the table shows the median.
 
@@ -38,6 +50,9 @@ Waiting never spins: ring waits block in ``select`` on an eventfd
 that the other side is still alive. Writers are forked (the memfd and the
 eventfds are inherited), always reaped, and a memfd leaves nothing in
 ``/dev/shm``.
+
+``--ingest-breakdown`` runs a different measurement instead: where an ingest
+spends its CPU per intent (``tools.bench.ingest``).
 """
 
 from __future__ import annotations
@@ -74,10 +89,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_N = 500_000
 DEFAULT_REPEAT = 3
-# One ingest socket read of ~5 KiB holds ~64 intents of ~80 bytes; the
-# writer publishes (one cursor store, one eventfd write) once per chunk.
-DEFAULT_CHUNK = 64
 DEFAULT_MAX_BATCH = Options().max_batch_size  # the seed's 857
+# The writer hands over runs (ring) and lists (queue) of the reader's batch
+# size, so both sides of the comparison move the same units. An ingest's
+# runs are one socket read (~64 intents in 5 KiB): ``--chunk 64`` shows it.
+DEFAULT_CHUNK = DEFAULT_MAX_BATCH
+CONSUME = ("join", "decode")
 DEFAULT_RING_BYTES = Options().ring_bytes  # the engine's 8 MiB
 # How long any wait blocks before checking that the other process lives.
 WAIT_S = 0.5
@@ -189,33 +206,44 @@ class Run:
 
 
 class _Check:
-    """The reader's check that nothing was lost or duplicated: each run must
-    continue the seq where the last one stopped and its first and last seq
-    must span exactly its length (checked per run, not per record, so the
-    check stays out of the ring's timing)."""
+    """The reader's check that nothing was lost, repeated or reordered: each
+    run must continue where the last one stopped, and its first and last
+    records and its length must be those sent (checked per run, not per
+    record, so the check stays out of the hand-off's timing; records are
+    distinct, their seq differs)."""
 
-    __slots__ = ("next_seq",)
+    __slots__ = ("expected", "next")
 
-    def __init__(self) -> None:
-        self.next_seq = 0
+    def __init__(self, expected: list[bytes]) -> None:
+        self.expected = expected
+        self.next = 0
 
-    def run(self, items: list[DecodedRecord]) -> None:
-        first, last = items[0].seq, items[-1].seq
-        if first != self.next_seq or last != first + len(items) - 1:
-            raise RuntimeError(f"records out of order: expected seq {self.next_seq}, got {first}..{last}")
-        self.next_seq = last + 1
+    def run(self, first: Any, last: Any, count: int) -> None:
+        i = self.next
+        if count < 1 or first != self.expected[i] or last != self.expected[i + count - 1]:
+            raise RuntimeError(f"records lost, repeated or out of order in the run starting at record {i}")
+        self.next = i + count
 
-    def one(self, item: DecodedRecord) -> None:
-        if item.seq != self.next_seq:
-            raise RuntimeError(f"records out of order: expected seq {self.next_seq}, got {item.seq}")
-        self.next_seq += 1
+    def one(self, payload: bytes) -> None:
+        if payload != self.expected[self.next]:
+            raise RuntimeError(f"records lost, repeated or out of order at record {self.next}")
+        self.next += 1
 
 
 # ---------------------------------------------------------------- variants
 class Bench:
     """One process's view of the benchmark: parameters and the payloads."""
 
-    def __init__(self, payloads: list[bytes], *, chunk: int, max_batch: int, ring_bytes: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        payloads: list[bytes],
+        *,
+        chunk: int,
+        max_batch: int,
+        ring_bytes: int,
+        timeout_s: float,
+        consume: str = "join",
+    ) -> None:
         self.payloads = payloads
         self.n = len(payloads)
         self.chunk = chunk
@@ -223,8 +251,7 @@ class Bench:
         self.ring_bytes = ring_bytes
         self.timeout_s = timeout_s
         self.ctx = multiprocessing.get_context("fork")
-        self.decode_run = msgspec.json.Decoder(list[DecodedRecord]).decode
-        self.decode_one = msgspec.json.Decoder(DecodedRecord).decode
+        self.consume = _consumer(consume)
 
     def _start(self, target: Callable, *args: Any) -> tuple[multiprocessing.process.BaseProcess, Handshake]:
         hs = Handshake()
@@ -240,6 +267,12 @@ class Bench:
 
     # ----------------------------------------------------------------- ring
     def ring(self) -> Run:
+        return self._ring(bulk=True)
+
+    def ring_per_record(self) -> Run:
+        return self._ring(bulk=False)
+
+    def _ring(self, *, bulk: bool) -> Run:
         seg = Segment.create(RING_OFFSET + layout.ring_bytes(self.ring_bytes), name="bench_ipc")
         ring = stats = run = None
         data_wake, space_wake = Wakeup(), Wakeup()
@@ -247,31 +280,32 @@ class Bench:
         try:
             ring = Ring(seg.buf, RING_OFFSET, self.ring_bytes, create=True, name="bench")
             stats = Counters(seg.buf, STATS_OFFSET, WriterStat.COUNT)
-            proc, hs = self._start(_ring_writer, seg, self.payloads, self.chunk, data_wake, space_wake)
+            proc, hs = self._start(_ring_writer, seg, self.payloads, self.chunk, bulk, data_wake, space_wake)
             deadline = time.monotonic() + self.timeout_s
             hs.reader_wait_ready(proc, deadline)
 
-            decode, check, max_batch, n = self.decode_run, _Check(), self.max_batch, self.n
+            consume, check, max_batch, n = self.consume, _Check(self.payloads), self.max_batch, self.n
             pos = ring.released()
             got = runs = waits = 0
             t0 = time.perf_counter()
             hs.go.signal()
             while got < n:
-                published = ring.published()
+                published = ring.published()  # one cursor load per run
                 if published == pos:
                     waits += 1
                     if not data_wake.wait(WAIT_S):
                         _check_alive(proc, deadline, f"ring run stalled at {got}/{n}")
                     continue
-                run = ring.read(pos, published, max_batch)
-                items = decode(b"[" + b",".join(run.payloads) + b"]")
+                run = ring.read(pos, published, max_batch, copy=bulk)
+                payloads = run.payloads
+                consume(payloads)
+                check.run(payloads[0], payloads[-1], len(payloads))
+                got += len(payloads)
                 run.detach()
                 pos = run.end
-                ring.release_to(pos)
+                ring.release_to(pos)  # one cursor store per run
                 space_wake.signal()
                 run = None
-                check.run(items)
-                got += len(items)
                 runs += 1
             elapsed = time.perf_counter() - t0
             self._finish(proc, hs)
@@ -314,8 +348,9 @@ class Bench:
         try:
             deadline = time.monotonic() + self.timeout_s
             hs.reader_wait_ready(proc, deadline)
-            decode, check, get, n = self.decode_one, _Check(), q.get, self.n
+            consume, check, get, n, max_batch = self.consume, _Check(self.payloads), q.get, self.n, self.max_batch
             got = 0
+            batch: list[bytes] = []
             t0 = time.perf_counter()
             hs.go.signal()
             while got < n:
@@ -324,8 +359,12 @@ class Bench:
                 except queue_mod.Empty:
                     _check_alive(proc, deadline, f"queue run stalled at {got}/{n}")
                     continue
-                check.one(decode(payload))
+                check.one(payload)
+                batch.append(payload)
                 got += 1
+                if len(batch) == max_batch or got == n:
+                    consume(batch)
+                    batch = []
             elapsed = time.perf_counter() - t0
             self._finish(proc, hs)
             proc = None
@@ -339,11 +378,11 @@ class Bench:
 
     def mp_queue_batched(self) -> Run:
         q = self.ctx.Queue()
-        proc, hs = self._start(_queue_writer, q, self.payloads, self.max_batch)
+        proc, hs = self._start(_queue_writer, q, self.payloads, self.chunk)
         try:
             deadline = time.monotonic() + self.timeout_s
             hs.reader_wait_ready(proc, deadline)
-            decode, check, get, n = self.decode_run, _Check(), q.get, self.n
+            consume, check, get, n = self.consume, _Check(self.payloads), q.get, self.n
             got = gets = 0
             t0 = time.perf_counter()
             hs.go.signal()
@@ -353,9 +392,9 @@ class Bench:
                 except queue_mod.Empty:
                     _check_alive(proc, deadline, f"batched queue run stalled at {got}/{n}")
                     continue
-                items = decode(b"[" + b",".join(payloads) + b"]")
-                check.run(items)
-                got += len(items)
+                consume(payloads)
+                check.run(payloads[0], payloads[-1], len(payloads))
+                got += len(payloads)
                 gets += 1
             elapsed = time.perf_counter() - t0
             self._finish(proc, hs)
@@ -378,7 +417,7 @@ class Bench:
         try:
             deadline = time.monotonic() + self.timeout_s
             hs.reader_wait_ready(proc, deadline)
-            decode, check, n, max_batch = self.decode_run, _Check(), self.n, self.max_batch
+            consume, check, n, max_batch = self.consume, _Check(self.payloads), self.n, self.max_batch
             get_many = q.get_many
             got = gets = 0
             t0 = time.perf_counter()
@@ -389,9 +428,9 @@ class Bench:
                 except queue_mod.Empty:
                     _check_alive(proc, deadline, f"faster-fifo run stalled at {got}/{n}")
                     continue
-                items = decode(b"[" + b",".join(payloads) + b"]")
-                check.run(items)
-                got += len(items)
+                consume(payloads)
+                check.run(payloads[0], payloads[-1], len(payloads))
+                got += len(payloads)
                 gets += 1
             elapsed = time.perf_counter() - t0
             self._finish(proc, hs)
@@ -402,6 +441,17 @@ class Bench:
                 _reap(proc, grace=0)
                 hs.close()
             q.close()
+
+
+def _consumer(kind: str) -> Callable[[Sequence[Any]], Any]:
+    """The reader's work on each run or list: the flusher's batch text
+    (``join``), or that text decoded in one msgspec call (``decode``)."""
+    if kind == "join":
+        return lambda payloads: b"[" + b",".join(payloads) + b"]"
+    if kind == "decode":
+        decode = msgspec.json.Decoder(list[DecodedRecord]).decode
+        return lambda payloads: decode(b"[" + b",".join(payloads) + b"]")
+    raise ValueError(f"consume must be one of {CONSUME}, got {kind!r}")
 
 
 # ------------------------------------------------------ writer processes
@@ -419,10 +469,18 @@ def _touch(payloads: list[bytes]) -> list[bytes]:
 
 
 def _ring_writer(
-    hs: Handshake, parent: int, seg: Segment, payloads: list[bytes], chunk: int, data_wake: Wakeup, space_wake: Wakeup
+    hs: Handshake,
+    parent: int,
+    seg: Segment,
+    payloads: list[bytes],
+    chunk: int,
+    bulk: bool,
+    data_wake: Wakeup,
+    space_wake: Wakeup,
 ) -> None:
-    """Producer: append a chunk, publish it, wake the reader; on a full ring
-    publish what fits and block until the reader commits."""
+    """Producer: append a chunk (one run, or record by record), publish it,
+    wake the reader; on a full ring publish what fits and block until the
+    reader releases."""
     _writer_signals()
     ring = Ring(seg.buf, RING_OFFSET, name="bench")  # attach: validates the header
     stats = Counters(seg.buf, STATS_OFFSET, WriterStat.COUNT)
@@ -436,12 +494,15 @@ def _ring_writer(
             end = min(i + chunk, n)
             now = time.monotonic_ns()  # an ingest stamps each socket read
             with ring.claim() as w:
-                append = w.try_append
-                while i < end and append(payloads[i], now):
-                    i += 1
+                if bulk:
+                    i += w.try_append_run(payloads[i:end], now)
+                else:
+                    append = w.try_append
+                    while i < end and append(payloads[i], now):
+                        i += 1
             publishes += 1
             data_wake.signal()
-            if i < end:  # full: the reader's commit signals space_wake
+            if i < end:  # full: the reader's release signals space_wake
                 full_waits += 1
                 if not space_wake.wait(WAIT_S):
                     _exit_if_orphaned(parent)
@@ -494,13 +555,14 @@ class Variant:
 
 
 VARIANTS = [
-    Variant("ring", "ipc.ring.Ring (shared memory + eventfd)", "ring"),
-    Variant("mp_queue", "multiprocessing.Queue, 1 record/put", "mp_queue"),
-    Variant("mp_queue_batched", "multiprocessing.Queue, list/put", "mp_queue_batched"),
+    Variant("ring", "ipc.ring.Ring, runs (try_append_run, read copy)", "ring"),
+    Variant("ring_per_record", "ipc.ring.Ring, record by record (views)", "ring_per_record"),
+    Variant("mp_queue_batched", "multiprocessing.Queue, one list per put", "mp_queue_batched"),
+    Variant("mp_queue", "multiprocessing.Queue, one record per put", "mp_queue"),
     Variant("faster_fifo", "faster_fifo.Queue, put + get_many", "faster_fifo", requires="faster_fifo"),
 ]
 BY_KEY = {v.key: v for v in VARIANTS}
-BASELINE = "mp_queue"
+BASELINE = "mp_queue_batched"
 
 
 def run_benchmark(
@@ -512,6 +574,7 @@ def run_benchmark(
     ring_bytes: int = DEFAULT_RING_BYTES,
     only: Sequence[str] | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    consume: str = "join",
 ) -> dict:
     """Run every variant ``repeat`` times, interleaved; returns the JSON document."""
     layout.check_capacity(ring_bytes)
@@ -520,7 +583,9 @@ def run_benchmark(
     payload_bytes = sum(map(len, payloads)) / n
     if max(map(len, payloads)) > layout.max_payload(ring_bytes):  # pragma: no cover - 8 KiB rings and up
         raise ValueError(f"ring of {ring_bytes} bytes cannot hold a {max(map(len, payloads))}-byte record")
-    bench = Bench(payloads, chunk=chunk, max_batch=max_batch, ring_bytes=ring_bytes, timeout_s=timeout_s)
+    bench = Bench(
+        payloads, chunk=chunk, max_batch=max_batch, ring_bytes=ring_bytes, timeout_s=timeout_s, consume=consume
+    )
     runs: dict[str, list[Run]] = {v.key: [] for v in variants}
     skipped: dict[str, str] = {}
     for v in variants:
@@ -559,6 +624,11 @@ def run_benchmark(
     base = next((e for e in results if e["key"] == BASELINE and e["intents_per_s"]), None)
     for e in results:
         e["ratio_to_baseline"] = e["intents_per_s"] / base["intents_per_s"] if base and e["intents_per_s"] else None
+        # Each round's ratio too: the two ran back to back, so this is the
+        # figure least moved by a shared machine's drift.
+        e["round_ratios"] = (
+            [x["intents_per_s"] / b["intents_per_s"] for x, b in zip(e["runs"], base["runs"])] if base else []
+        )
     return {
         "tool": "bench_ipc",
         "machine": report.machine(report.embedded_pg_version() + " (embedded wheel; not used here)"),
@@ -568,6 +638,7 @@ def run_benchmark(
             "chunk": chunk,
             "max_batch": max_batch,
             "ring_bytes": ring_bytes,
+            "consume": consume,
             "payload_bytes_mean": round(payload_bytes, 1),
             "start_method": "fork",
             "wait_timeout_s": WAIT_S,
@@ -577,7 +648,7 @@ def run_benchmark(
     }
 
 
-HEADERS = ("variant", "intents/s", "µs/intent", "min…max intents/s", "ratio vs mp.Queue")
+HEADERS = ("variant", "intents/s", "µs/intent", "min…max intents/s", "vs mp.Queue list/put", "per round")
 
 
 def render(doc: dict) -> str:
@@ -586,14 +657,15 @@ def render(doc: dict) -> str:
         report.machine_line(doc["machine"]),
         f"bench_ipc: {p['n']:,} intents of ~{p['payload_bytes_mean']:.0f} bytes (msgspec JSON arrays), "
         f"one writer process -> this process, median of {p['repeat']} interleaved rounds; ring "
-        f"{p['ring_bytes'] >> 10} KiB, writer publishes every {p['chunk']} records, reader runs and "
-        f"queue lists of up to {p['max_batch']}, one msgspec decode per run",
+        f"{p['ring_bytes'] >> 10} KiB; the writer hands over runs / lists of {p['chunk']} records, the reader "
+        f"takes up to {p['max_batch']} at a time and "
+        + ("joins them into one batch text" if p["consume"] == "join" else "joins and decodes them (one msgspec call)"),
         "",
     ]
     rows, notes = [], []
     for e in doc["results"]:
         if e["skipped"]:
-            rows.append((e["variant"], "skipped", "-", "-", "-"))
+            rows.append((e["variant"], "skipped", "-", "-", "-", "-"))
             notes.append(f"{e['key']}: skipped, {e['skipped']}")
             continue
         rows.append(
@@ -603,17 +675,19 @@ def render(doc: dict) -> str:
                 report.fmt_us(e["us_per_intent"]),
                 f"{report.fmt_rate(e['min_intents_per_s'])}…{report.fmt_rate(e['max_intents_per_s'])}",
                 report.fmt_ratio(e["ratio_to_baseline"]),
+                f"{report.fmt_ratio(min(e['round_ratios']))}…{report.fmt_ratio(max(e['round_ratios']))}"
+                if e["round_ratios"]
+                else "-",
             )
         )
     lines.append(report.table(HEADERS, rows))
     if notes:
         lines += [""] + notes
-    ring = next((e for e in doc["results"] if e["key"] == "ring" and e["runs"]), None)
-    if ring:
+    for ring in (e for e in doc["results"] if e["key"].startswith("ring") and e["runs"]):
         last = ring["runs"][-1]
         lines += [
             "",
-            f"ring, last round: {last['runs']} reader runs (mean {last['mean_run']} records), "
+            f"{ring['key']}, last round: {last['runs']} reader runs (mean {last['mean_run']} records), "
             f"{last['reader_waits']} reader waits, {last['publishes']} publishes, "
             f"{last['writer_full_waits']} writer waits on a full ring",
         ]
@@ -625,11 +699,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog or cli_args.prog("bench_ipc"),
         description="Measure the hand-off rate of intents from one writer process to a reader: the "
-        "engine's shared-memory ring (ipc.ring.Ring, eventfd wake-ups, one msgspec decode per "
-        "run) versus multiprocessing.Queue (per record, and lists per put) and faster-fifo if "
-        "it is importable. Same records, same run, interleaved rounds; prints a machine line "
-        "and a table (median intents/s and the ratio to multiprocessing.Queue); --json also "
-        "writes the figures as JSON. Nothing busy-waits; no process or shared memory is left.",
+        "engine's shared-memory ring (ipc.ring.Ring, bulk runs and record by record, eventfd wake-ups) "
+        "versus multiprocessing.Queue (one list per put, and one record per put) and faster-fifo if "
+        "it is importable. Same records, same sizes, same run, interleaved rounds; prints a machine line "
+        "and a table (median intents/s and the ratio to multiprocessing.Queue with a list per put); --json "
+        "also writes the figures as JSON. Nothing busy-waits; no process or shared memory is left. "
+        "With --ingest-breakdown it measures instead where an ingest's CPU goes per intent "
+        "(framing, decode, validate, encode, route + append), on realistic frames.",
         epilog="Variants: "
         + "; ".join(f"{v.key} = {v.label}" for v in VARIANTS)
         + ". Exit 0 when every round completed; 1 when a round failed (a writer died, a round timed out); "
@@ -641,8 +717,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--records",
         dest="n",
         type=report.positive_int,
-        default=DEFAULT_N,
-        help="intents each variant moves per round",
+        help=f"intents each variant moves per round (default {DEFAULT_N:,}; with --ingest-breakdown 100,000)",
     )
     p.add_argument(
         "--repeat", type=report.positive_int, default=DEFAULT_REPEAT, help="rounds; the table shows the median"
@@ -650,8 +725,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--chunk",
         type=report.positive_int,
-        default=DEFAULT_CHUNK,
-        help="records the ring writer appends per publish (one cursor store + one wake-up)",
+        help="records the writer hands over at once: one ring run (one cursor store + one wake-up) or "
+        "one queue list (default: --max-batch's default; an ingest's socket read is ~64). With "
+        "--ingest-breakdown: frames per socket read, 64 unless given",
     )
     p.add_argument(
         "--max-batch",
@@ -680,6 +756,25 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--json", metavar="FILE", type=cli_args.output_file, help="also write the results as JSON to FILE ('-': stdout)"
+    )
+    p.add_argument(
+        "--consume",
+        choices=CONSUME,
+        default="join",
+        help="the reader's work per run or list: the flusher's batch text (join), or that text decoded "
+        "with one msgspec call (decode, as the state planner does)",
+    )
+    p.add_argument(
+        "--ingest-breakdown",
+        action="store_true",
+        help="measure the ingest's CPU per intent by stage instead (tools.bench.ingest); -n, --repeat, "
+        "--chunk, --lanes and --json apply",
+    )
+    p.add_argument(
+        "--lanes",
+        type=report.positive_int,
+        default=Options().lanes,
+        help="with --ingest-breakdown: lanes (rings) the ingest routes to (default: the engine's, %(default)s)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     return p
@@ -713,15 +808,20 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     # SIGTERM unwinds like Ctrl-C, so writers are reaped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    if args.ingest_breakdown:
+        from . import ingest
+
+        return ingest.main(args, out)
     try:
         doc = run_benchmark(
-            n=args.n,
+            n=args.n or DEFAULT_N,
             repeat=args.repeat,
-            chunk=args.chunk,
+            chunk=args.chunk or DEFAULT_CHUNK,
             max_batch=args.max_batch,
             ring_bytes=args.ring_bytes,
             only=args.only,
             timeout_s=args.timeout,
+            consume=args.consume,
         )
     except KeyboardInterrupt:
         log.warning("interrupted; writers reaped, nothing measured")
