@@ -134,20 +134,28 @@ FROM jsonb_array_elements(%(batch)s::jsonb) WITH ORDINALITY AS x(r, ord)
 JOIN {S}.intent_log l ON l.client_id = x.r->>0 AND l.seq = (x.r->>1)::int8
 WHERE x.ord = ANY(%(ords)s::int8[])"""
 
+# The dead letters of the current batch are found by their unique key
+# (client_id, seq): an index lookup however long the log grows. (By
+# batch_id they were not: currval() is volatile, so compared directly it
+# rules out every index, and the BRIN on batch_id cannot help either, since
+# the newest pages are never summarized yet: each dead letter scanned more
+# of the log than the last.) The batch_id test only guards the key.
 MARK_DEAD = f"""UPDATE {S}.intent_log l SET status = 'dead_lettered', code = d.code, reason = d.reason
-FROM unnest(%(ords)s::int4[], %(codes)s::text[], %(reasons)s::text[]) AS d(ord, code, reason)
-WHERE l.batch_id = currval('{S}.batches_id_seq') AND l.batch_ord = d.ord"""
+FROM unnest(%(clients)s::text[], %(seqs)s::int8[], %(codes)s::text[], %(reasons)s::text[]) AS d(client_id, seq, code, reason)
+WHERE l.client_id = d.client_id AND l.seq = d.seq AND l.batch_id = (SELECT currval('{S}.batches_id_seq'))"""
 
 COPY_DEAD = f"""INSERT INTO {S}.dead_letters (client_id, seq, entity, kind, args, code, reason, batch_id)
-SELECT client_id, seq, entity, kind, args, code, reason, batch_id FROM {S}.intent_log
-WHERE batch_id = currval('{S}.batches_id_seq') AND batch_ord = ANY(%(ords)s::int4[])"""
+SELECT l.client_id, l.seq, l.entity, l.kind, l.args, l.code, l.reason, l.batch_id
+FROM unnest(%(clients)s::text[], %(seqs)s::int8[]) AS d(client_id, seq)
+JOIN {S}.intent_log l ON l.client_id = d.client_id AND l.seq = d.seq
+WHERE l.batch_id = (SELECT currval('{S}.batches_id_seq'))"""
 
 # The batch row counts what the batch stored (README, Tables): resends are
 # answered from earlier batches and are not counted in size; a batch of
 # resends only keeps no row.
 TRIM_BATCH = f"""UPDATE {S}.batches SET size = %(stored)s, resends = %(resends)s
-WHERE id = currval('{S}.batches_id_seq')"""
-DROP_BATCH = f"DELETE FROM {S}.batches WHERE id = currval('{S}.batches_id_seq')"
+WHERE id = (SELECT currval('{S}.batches_id_seq'))"""
+DROP_BATCH = f"DELETE FROM {S}.batches WHERE id = (SELECT currval('{S}.batches_id_seq'))"
 
 # The channel engine.scheduler LISTENs on: one notification per stored batch.
 BATCHES_CHANNEL = "batchscheduler_batches"
@@ -226,6 +234,16 @@ class WriteResult:
     (nothing stored for it)."""
     path: str
     """OPTIMISTIC, READING or ISOLATED: the path that committed the batch"""
+
+
+class _Key(msgspec.Struct, array_like=True):
+    """The first two fields of a ring record ``[client_id, seq, …]``; the rest is skipped."""
+
+    client_id: str
+    seq: int
+
+
+_KEYS = msgspec.json.Decoder(list[_Key])
 
 
 class BatchWrite:
@@ -447,7 +465,7 @@ class LaneStore:
                 conn.execute(INSERT_LOG_PLAIN, {"batch": write.text, "ord0": 0}, prepare=True)
                 for sql, params in write.statements:
                     conn.execute(sql, params, prepare=True)
-                self._mark_dead(write.dead)
+                self._mark_dead(write, write.dead)
                 if self.notify:
                     conn.execute(NOTIFY)
         except psycopg.Error as exc:
@@ -491,7 +509,7 @@ class LaneStore:
             plan = planner.plan(new, cs.fetchall())
             for sql, params in self._state_statements(plan):
                 conn.execute(sql, params, prepare=True)
-            self._mark_dead(plan.dead)
+            self._mark_dead(write, plan.dead)
             self._count_stored(write.size, len(new))
         with self._cache_lock:
             planner.committed()
@@ -557,7 +575,7 @@ class LaneStore:
                         new.append(ord_)
                     else:
                         dead.pop(ord_, None)
-            self._mark_dead(dead)
+            self._mark_dead(write, dead)
             self._count_stored(len(records), len(new))
         return self._finish(write, batch_id, new + list(unstorable), {**dead, **unstorable}, ISOLATED)
 
@@ -574,16 +592,27 @@ class LaneStore:
         if self.notify:
             conn.execute(NOTIFY)
 
-    def _mark_dead(self, dead: dict[int, tuple[str, str]]) -> None:
+    def _mark_dead(self, write: BatchWrite, dead: dict[int, tuple[str, str]]) -> None:
+        """Mark the batch's dead letters in the log and copy them to
+        ``dead_letters``, found by their keys (read from the batch text)."""
         if not dead:
             return
         conn = self._conn
         assert conn is not None
         ords = sorted(dead)
+        keys = _KEYS.decode(write.batch)
+        clients = [keys[o - 1].client_id for o in ords]
+        seqs = [keys[o - 1].seq for o in ords]
         conn.execute(
-            MARK_DEAD, {"ords": ords, "codes": [dead[o][0] for o in ords], "reasons": [dead[o][1] for o in ords]}
+            MARK_DEAD,
+            {
+                "clients": clients,
+                "seqs": seqs,
+                "codes": [dead[o][0] for o in ords],
+                "reasons": [dead[o][1] for o in ords],
+            },
         )
-        conn.execute(COPY_DEAD, {"ords": ords})
+        conn.execute(COPY_DEAD, {"clients": clients, "seqs": seqs})
 
     def _finish(
         self, write: BatchWrite, batch_id: int, new: Iterable[int], dead: dict[int, tuple[str, str]], path: str

@@ -292,3 +292,44 @@ def test_only_the_lane_store_forgets_the_cache_and_persistence_imports_no_engine
         relative = str(path.relative_to(ROOT))
         imports = _imports(_tree(relative))
         assert not {m for m in imports if m.split(".")[0] == "engine"}, relative
+
+
+def test_the_statements_that_find_the_current_batch_use_an_index_on_a_large_log(db):
+    """A batch with dead letters finds them in the log by their unique key,
+    and a trimmed or dropped batch row by its primary key: never a scan of a
+    table that grows without end (by batch_id, with currval() volatile and
+    the newest BRIN ranges unsummarized, each dead letter scanned more of
+    the log than the last). Held on a 100k-row log with fresh statistics,
+    through the planner's own plans."""
+    from persistence import lane_store as ls
+
+    db.execute(
+        """INSERT INTO batchscheduler.intent_log
+        (client_id, seq, entity, kind, args, status, batch_id, batch_ord, received_at)
+        SELECT 'c', g, 'e' || (g % 1000), 'say', '{}', 'committed', g / 5 + 1, g % 5, now()
+        FROM generate_series(1, 100000) g"""
+    )
+    db.execute(
+        """INSERT INTO batchscheduler.batches (size, cut_reason, first_received_at, cut_at)
+        SELECT 5, 'size', now(), now() FROM generate_series(1, 20000)"""
+    )
+    db.execute("ANALYZE batchscheduler.intent_log")
+    db.execute("ANALYZE batchscheduler.batches")
+    db.execute("SELECT nextval('batchscheduler.batches_id_seq')")  # currval is defined in this session
+    plans = {}
+    for name, sql, params in [
+        (
+            "MARK_DEAD",
+            ls.MARK_DEAD,
+            {"clients": ["c", "c"], "seqs": [7, 8], "codes": ["x", "x"], "reasons": ["r", "r"]},
+        ),
+        ("COPY_DEAD", ls.COPY_DEAD, {"clients": ["c", "c"], "seqs": [7, 8]}),
+        ("ORIGINAL_OUTCOMES", ls.ORIGINAL_OUTCOMES, {"batch": '[["c", 7, "e7", "say", {}, 1]]', "ords": [1]}),
+        ("TRIM_BATCH", ls.TRIM_BATCH, {"stored": 1, "resends": 1}),
+        ("DROP_BATCH", ls.DROP_BATCH, {}),
+    ]:
+        rows = db.execute(("EXPLAIN " + sql).encode(), params or None).fetchall()
+        plans[name] = "\n".join(r[0] for r in rows)
+    assert all("intent_log_key" in plans[name] for name in ("MARK_DEAD", "COPY_DEAD", "ORIGINAL_OUTCOMES")), plans
+    assert "batches_pkey" in plans["TRIM_BATCH"] and "batches_pkey" in plans["DROP_BATCH"]
+    assert not any("Seq Scan on intent_log" in p or "Seq Scan on batches" in p for p in plans.values()), plans
