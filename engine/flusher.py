@@ -326,10 +326,10 @@ class FlusherProcess:
             self.counters.add(F.SLOW_PATH, 1)  # declined (resend, stale cache) or failed on its data
         if result.path == ISOLATED:
             self.counters.add(F.FALLBACKS, 1)
-        self._account(result, job.size, job.reason, latency_s)
+        dead_codes = collections.Counter(o[1] for o in result.outcomes.values() if o[0] == DEAD_LETTERED and not o[3])
+        self._account(result, job.size, job.reason, latency_s, dead=sum(dead_codes.values()))
         # Due -> acknowledged: wake-up lateness, planning, the commit and the hand-off.
         self.lead.observe((time.monotonic_ns() - job.due_ns) / _NS)
-        dead_codes = collections.Counter(o[1] for o in result.outcomes.values() if o[0] == DEAD_LETTERED and not o[3])
         metrics.record_batch(
             self.histograms, result.new, now_ns - np.array(arrivals, dtype=np.int64), job.write_s, dead_codes
         )
@@ -394,9 +394,9 @@ class FlusherProcess:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.1)
 
-    def _account(self, result: WriteResult, size: int, reason: str, latency_s: float) -> None:
+    def _account(self, result: WriteResult, size: int, reason: str, latency_s: float, *, dead: int) -> None:
+        """The lane's counters after a batch; ``dead``: its intents newly dead-lettered."""
         c = self.counters
-        dead = sum(1 for o in result.outcomes.values() if o[0] == DEAD_LETTERED and not o[3])
         dups = sum(1 for o in result.outcomes.values() if o[3])
         if result.new:  # a batch of resends only stored nothing: no batch (README, Tables)
             c.add(F.BATCHES, 1)

@@ -24,7 +24,6 @@ embedded PostgreSQL. The segment is a memfd: nothing to leak in /dev/shm.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import selectors
@@ -40,7 +39,7 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from engine import handlers, metrics
+from engine import datadir, handlers, metrics
 from engine import options as opts
 from engine.alerts import Alerts
 from engine.errors import StartupError
@@ -69,7 +68,6 @@ RSS_CHECK_INTERVAL_S = 1.0
 DRAIN_KILL_SHARE = 0.8
 # The data directory's lock file: flock()ed for the supervisor's lifetime and
 # holding its PID, so a second engine on the same directory names the first.
-LOCK_FILE = "engine.lock"
 
 
 class WorkerHandle:
@@ -237,23 +235,16 @@ class Supervisor:
         one engine per data directory, whatever its socket path."""
         data = opts.data_path(self.options)
         data.mkdir(parents=True, exist_ok=True)
-        path = data / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StartupError(f"cannot open the data directory's lock file {path}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
+            self._lock_fd = datadir.lock(data)
+        except datadir.Busy as busy:
             raise StartupError(
-                f"data directory {data} is in use by another engine (pid {holder} holds {path}); "
+                f"data directory {data} is in use by another engine ({busy}); "
                 "stop that engine or choose another --data-dir"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        except OSError as exc:
+            path = data / datadir.LOCK_FILE
+            raise StartupError(f"cannot open the data directory's lock file {path}: {exc.strerror}") from exc
 
     def _claim_socket_path(self) -> None:
         path = self.socket_path
@@ -459,10 +450,10 @@ class Supervisor:
         interval = self.options.stats_interval_s
         if not interval:
             return
-        if self._stats_from is None:
-            self._stats_from = (now, sample)
-        elif now - self._stats_from[0] >= interval:
-            text, fields = metrics.stats_line(self._stats_from[1], sample, now - self._stats_from[0])
+        assert self._stats_from is not None  # the zero point, set at start
+        since, before = self._stats_from
+        if now - since >= interval:
+            text, fields = metrics.stats_line(before, sample, now - since)
             log.info("%s", text, extra={"stats": fields})
             self._stats_from = (now, sample)
 

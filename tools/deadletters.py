@@ -715,9 +715,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args, prog)
     except (enginedb.NoDatabase, _CannotReplay) as exc:
         return cannot(str(exc))
-    except psycopg.errors.UndefinedTable as exc:
-        return cannot(f"not an engine's database (no batchscheduler tables): {str(exc).strip()}")
-    except psycopg.OperationalError as exc:
-        return cannot(f"cannot reach the database: {str(exc).strip()}")
     except psycopg.Error as exc:
-        return cannot(f"database error: {str(exc).strip()}")
+        return cannot(enginedb.describe(exc))

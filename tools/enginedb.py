@@ -17,12 +17,14 @@ Failures raise ``NoDatabase`` with a sentence for the user (the tools exit 2).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
-LOCK_FILE = "engine.lock"  # engine.supervisor.LOCK_FILE
+import psycopg
+
+from engine import datadir
+
 # postmaster.pid lines (PostgreSQL's LOCK_FILE_LINE_*), 0-based.
 _PIDFILE_PORT, _PIDFILE_SOCKET_DIR = 3, 4
 
@@ -47,26 +49,29 @@ def _pgdata(data_dir: str | os.PathLike) -> tuple[Path, Path]:
     return data, pgdata
 
 
+def describe(exc: psycopg.Error) -> str:
+    """A database failure as the one sentence a tool prints before exit 2."""
+    text = str(exc).strip()
+    if isinstance(exc, psycopg.errors.UndefinedTable):
+        return f"not an engine's database (no batchscheduler tables): {text}"
+    if isinstance(exc, psycopg.OperationalError):
+        return f"cannot reach the database: {text}"
+    return f"database error: {text}"
+
+
 @contextlib.contextmanager
 def _data_dir_lock(data: Path) -> Iterator[None]:
     """Hold ``<data>/engine.lock`` for the block; EngineRunning when an engine holds it."""
-    lock_path = data / LOCK_FILE
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = datadir.lock(data)
+    except datadir.Busy as busy:
+        raise EngineRunning(
+            f"an engine is running on {data} ({busy}): use the 'dsn:' line it printed (--dsn), or stop it first",
+            busy.holder,
+        ) from None
     except OSError as exc:
-        raise NoDatabase(f"cannot open {lock_path}: {exc.strerror}") from None
+        raise NoDatabase(f"cannot open {data / datadir.LOCK_FILE}: {exc.strerror}") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise EngineRunning(
-                f"an engine is running on {data} (pid {holder} holds {lock_path}): use the 'dsn:' line it "
-                f"printed (--dsn), or stop it first",
-                holder,
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # releases the lock

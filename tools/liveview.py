@@ -24,7 +24,6 @@ import collections
 import contextlib
 import dataclasses
 import http.client
-import itertools
 import json
 import math
 import os
@@ -48,6 +47,9 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+
+# Prometheus' histogram_quantile over cumulative (bound, count) buckets: the dashboard preview's own.
+from .promql import bucket_quantile as histogram_quantile
 
 DEFAULT_URL = "http://127.0.0.1:9187"  # the engine's default --metrics-addr
 NAMESPACE = "batchscheduler_"
@@ -232,35 +234,6 @@ def bucket_increase(prev: Sample, cur: Sample, name: str, **labels: str) -> list
     if any(after[le] < before.get(le, 0.0) for le in after):  # reset: count from zero
         before = {}
     return sorted((le, after[le] - before.get(le, 0.0)) for le in after)
-
-
-def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float:
-    """The q-quantile of cumulative ``(upper bound, count)`` buckets, as
-    Prometheus' ``histogram_quantile``: linear interpolation inside the
-    bucket holding rank q * total, from 0 for the first; the +Inf bucket
-    answers the highest finite bound. NaN without observations or +Inf."""
-    if not 0 <= q <= 1:
-        return math.inf if q > 1 else -math.inf
-    ordered = sorted(buckets)
-    if len(ordered) < 2 or ordered[-1][0] != math.inf:
-        return math.nan
-    # A count below the one before it (a torn read) is lifted, as Prometheus does: rank search stays monotonic.
-    counts = list(itertools.accumulate((c for _, c in ordered), max))
-    total = counts[-1]
-    if total <= 0:
-        return math.nan
-    rank = q * total
-    b = next((i for i, c in enumerate(counts[:-1]) if c >= rank), len(counts) - 1)
-    if b == len(counts) - 1:
-        return ordered[-2][0]
-    if b == 0 and ordered[0][0] <= 0:
-        return ordered[0][0]
-    start, end, count = 0.0, ordered[b][0], counts[b]
-    if b > 0:
-        start = ordered[b - 1][0]
-        count -= counts[b - 1]
-        rank -= counts[b - 1]
-    return start + (end - start) * (rank / count)
 
 
 # ------------------------------------------------------------ formatting

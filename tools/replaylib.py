@@ -251,12 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = replay(dsn, registry, max_diffs=args.max_diffs, keep_scratch=args.keep_scratch)
     except enginedb.NoDatabase as exc:
         return cannot(str(exc))
-    except psycopg.errors.UndefinedTable as exc:
-        return cannot(f"not an engine's database (no batchscheduler tables): {str(exc).strip()}")
-    except psycopg.OperationalError as exc:
-        return cannot(f"cannot reach the database: {str(exc).strip()}")
     except psycopg.Error as exc:
-        return cannot(f"database error: {str(exc).strip()}")
+        return cannot(enginedb.describe(exc))
     print(render(report, args.max_diffs))
     if args.json:
         write_json(args.json, {"tool": "replay", "source": source, **as_json(report, args.max_diffs)})
