@@ -29,8 +29,6 @@ import logging
 import signal
 import time
 
-import numpy as np
-
 from engine import metrics, policy
 from engine.handoff import OutcomeOutbox
 from engine.intent import DEAD_LETTERED, Outcome, clip_reason
@@ -38,7 +36,7 @@ from engine.options import Options
 from engine.planner import StatePlanner
 from ipc.control import Config, Control
 from ipc.control import Flusher as F
-from ipc.ring import Run
+from ipc.runqueue import RunQueue, arrival_times
 from ipc.wakeup import Wakeup
 from persistence.lane_store import ISOLATED, OPTIMISTIC, BatchWrite, DatabaseUnavailable, LaneStore, WriteResult
 
@@ -50,42 +48,18 @@ _NS = 1_000_000_000
 IDLE_WAIT_S = 0.5
 
 
-class _Pending:
-    """Records scanned from one ring but not yet cut."""
-
-    __slots__ = ("end", "payloads", "positions", "recv_ns")
-
-    def __init__(self, start: int) -> None:
-        self.positions: list[int] = []
-        self.recv_ns: list[int] = []
-        self.payloads: list[memoryview] = []
-        self.end = start  # where the next scan starts
-
-    def extend(self, run: Run) -> None:
-        self.positions += run.positions
-        self.recv_ns += run.recv_ns
-        self.payloads += run.payloads
-        self.end = run.end
-
-    def take(self, k: int) -> tuple[list[memoryview], list[int], int]:
-        """Remove the first ``k`` records; returns their payloads, arrival
-        times and the position the ring may be released up to once they are
-        durable."""
-        payloads, recv_ns = self.payloads[:k], self.recv_ns[:k]
-        release_to_pos = self.positions[k] if k < len(self.positions) else self.end
-        del self.positions[:k], self.recv_ns[:k], self.payloads[:k]
-        return payloads, recv_ns, release_to_pos
-
-
 class _Job:
     """One cut batch on its way to the database."""
 
-    __slots__ = ("due_ns", "first_ns", "reason", "size", "skip", "takes", "write", "write_s")
+    __slots__ = ("arrivals", "due_ns", "first_ns", "reason", "size", "skip", "takes", "write", "write_s")
 
-    def __init__(self, takes, skip, size: int, reason: str, first_ns: int, due_ns: int, write: BatchWrite) -> None:
+    def __init__(
+        self, takes, skip, size: int, arrivals, reason: str, first_ns: int, due_ns: int, write: BatchWrite
+    ) -> None:
         self.takes = takes  # [(ring index, count)] in batch order
         self.skip = skip  # records of each ring an earlier in-flight batch took
         self.size = size
+        self.arrivals = arrivals  # [(arrival time, count)]: runqueue.arrival_times
         self.reason = reason
         self.first_ns = first_ns
         self.due_ns = due_ns  # when the cut was due: its window's end (time), else the cut itself
@@ -118,7 +92,7 @@ class FlusherProcess:
         self.store = LaneStore(dsn, lane=lane, planning=state_planner, notify=options.notify_batches)
         self.counters = control.flushers[lane]
         self.histograms = control.histograms[lane]
-        self.pending = [_Pending(r.released()) for r in self.rings]
+        self.pending = [RunQueue(r) for r in self.rings]
         self.stopping = False
         self.batch_no = 0
         self.config_epoch = -1
@@ -210,7 +184,7 @@ class FlusherProcess:
                     )
                     return
                 continue
-            oldest = min(p.recv_ns[0] for p in self.pending if p.positions)
+            oldest = min(p.oldest_ns() for p in self.pending if p.count)
             window_ns = self.window_ns - self.lead.lead_ns(self.window_ns)
             reason, wait_ns = policy.decide_cut(total, limit, oldest, window_ns, time.monotonic_ns(), draining)
             if reason is None:
@@ -219,16 +193,8 @@ class FlusherProcess:
             self._flush(reason, limit)
 
     def _scan(self, limit: int) -> int:
-        """Read newly published records (at most ``limit`` per ring)."""
-        total = 0
-        for ring, pend in zip(self.rings, self.pending):
-            have = len(pend.positions)
-            if have < limit:
-                published = ring.published()
-                if published > pend.end:
-                    pend.extend(ring.read(pend.end, published, limit - have))
-            total += len(pend.positions)
-        return total
+        """Read newly published runs (until ``limit`` items per ring); the items queued."""
+        return sum(pend.fill(limit) for pend in self.pending)
 
     # -------------------------------------------------------------------- flush
     def _flush(self, reason: str, limit: int) -> None:
@@ -259,7 +225,7 @@ class FlusherProcess:
     def _beyond(self, job: _Job) -> int:
         """Records pending after those ``job`` took."""
         taken = dict(job.takes)
-        return sum(len(p.positions) - taken.get(i, 0) for i, p in enumerate(self.pending))
+        return sum(p.count - taken.get(i, 0) for i, p in enumerate(self.pending))
 
     def _cut(self, reason: str, limit: int, after: _Job | None) -> _Job | None:
         """Take up to ``limit`` records (skipping those ``after`` took), in
@@ -272,7 +238,7 @@ class FlusherProcess:
         takes: list[tuple[int, int]] = []  # (ring index, count)
         for step in range(n_rings):
             i = (batch_no + step) % n_rings
-            k = min(room, len(self.pending[i].positions) - skip.get(i, 0))
+            k = min(room, self.pending[i].count - skip.get(i, 0))
             if k > 0:
                 takes.append((i, k))
                 room -= k
@@ -280,19 +246,23 @@ class FlusherProcess:
                 break
         if not takes:
             return None
-        parts: list[memoryview] = []
-        first_ns = None
+        parts: list[bytes | memoryview] = []
+        arrivals: list[tuple[int, int]] = []
+        size = 0
         for i, k in takes:
-            pend, off = self.pending[i], skip.get(i, 0)
-            parts += pend.payloads[off : off + k]
-            first_ns = pend.recv_ns[off] if first_ns is None else min(first_ns, pend.recv_ns[off])
+            some, stamps = self.pending[i].slices(skip.get(i, 0), k)
+            parts += some
+            arrivals += stamps
+            size += k
+        first_ns = min(stamp for stamp, _ in arrivals)
         mono_now, cut_wall = time.monotonic_ns(), time.time()
         first_wall = cut_wall - (mono_now - first_ns) / _NS
         due_ns = mono_now
         if reason == policy.TIME:
             due_ns = min(mono_now, first_ns + self.window_ns - self.lead.lead_ns(self.window_ns))
-        write = self.store.plan(b"[" + b",".join(parts) + b"]", len(parts), reason, first_wall, cut_wall)
-        return _Job(takes, skip, len(parts), reason, first_ns, due_ns, write)
+        # Each part is a slice of a packed run: items already joined by ",".
+        write = self.store.plan(b"[" + b",".join(parts) + b"]", size, reason, first_wall, cut_wall)
+        return _Job(takes, skip, size, arrivals, reason, first_ns, due_ns, write)
 
     def _commit(self, job: _Job) -> WriteResult:
         """May run on the writer thread: the store's whole write, timed."""
@@ -306,19 +276,12 @@ class FlusherProcess:
         """Durable: tell the ingests, outcomes before cursors."""
         now_ns = time.monotonic_ns()
         latency_s = (now_ns - job.first_ns) / _NS
-        arrivals: list[int] = []
         ord_base = 0
         for i, k in job.takes:
-            positions = self.pending[i].positions[:k]
-            self._publish_outcomes(i, positions, ord_base, result)
-            payloads, recv_ns, release_to_pos = self.pending[i].take(k)
-            arrivals += recv_ns
-            for view in payloads:
-                # Released now, not when the collector gets to it: a view
-                # kept alive by a traceback cycle would make the segment's
-                # unmap fail at exit (BufferError, exit 1 on a drain).
-                view.release()
-            self.rings[i].release_to(release_to_pos)
+            pend = self.pending[i]
+            if result.outcomes:
+                self._publish_outcomes(i, pend.positions(0, k), ord_base, result)
+            pend.consume(k)  # durable, then released
             self.ingest_wakes[i].signal()
             ord_base += k
         self.batch_no += 1
@@ -330,9 +293,7 @@ class FlusherProcess:
         self._account(result, job.size, job.reason, latency_s, dead=sum(dead_codes.values()))
         # Due -> acknowledged: wake-up lateness, planning, the commit and the hand-off.
         self.lead.observe((time.monotonic_ns() - job.due_ns) / _NS)
-        metrics.record_batch(
-            self.histograms, result.new, now_ns - np.array(arrivals, dtype=np.int64), job.write_s, dead_codes
-        )
+        metrics.record_batch(self.histograms, result.new, now_ns - arrival_times(job.arrivals), job.write_s, dead_codes)
 
     def _check_idle_connection(self) -> None:
         """While idle, notice a lost connection (the server sends EOF or a
@@ -422,8 +383,5 @@ class FlusherProcess:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
-        for pend in self.pending:
-            for view in pend.payloads:
-                view.release()
-            pend.payloads = []
+        self.pending = []  # the runs were copied out: nothing holds a view into the segment
         self.store.close()

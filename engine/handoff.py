@@ -5,14 +5,15 @@ The flusher tells an ingest two things after a batch is durable:
 * **outcomes**: one record in the *outcome ring* for every intent that did
   not simply commit (dead-lettered, rejected, or a resend answered with its
   stored outcome), keyed by the intent's position in the intent ring;
-* **release**: it moves the intent ring's release cursor past the batch.
-  Every intent below the cursor is durable; those without an outcome record
-  committed.
+* **release**: it moves the intent ring's durable cursor past the batch
+  (and the release cursor past every run the batch emptied; a batch may
+  end inside a packed run, ``ipc/runqueue.py``). Every intent below the
+  durable cursor is durable; those without an outcome record committed.
 
 The ordering rule that makes a reply the stored outcome: **every outcome of
-a batch is published before the release cursor passes the batch**
+a batch is published before the durable cursor passes the batch**
 (``OutcomeOutbox`` never advances the cursor itself; the flusher calls
-``release`` only after ``publish`` took everything). The ingest loads the
+``consume`` only after ``publish`` took everything). The ingest loads the
 cursor *before* it drains the outcome ring, so it has read every outcome
 below the cursor it loaded (x86-TSO: ``ipc/cursors.py`` states the argument).
 
@@ -68,15 +69,16 @@ class OutcomeInbox:
     __slots__ = ("_decode", "_held", "outcomes", "ring")
 
     def __init__(self, ring: Ring, outcomes: Ring) -> None:
-        self.ring = ring  # the intent ring whose release cursor the flusher moves
+        self.ring = ring  # the intent ring whose durable cursor the flusher moves
         self.outcomes = outcomes
         self._decode = msgspec.msgpack.Decoder(Outcome).decode
         self._held: dict[int, Outcome] = {}
 
     def released(self) -> int:
-        """Load the release cursor, then drain the outcome ring: afterwards
-        every outcome for a position below the returned cursor is held."""
-        released = self.ring.released()
+        """Load the intent ring's durable cursor, then drain the outcome
+        ring: afterwards every outcome for a position below the returned
+        cursor is held."""
+        released = self.ring.durable()
         self._drain()
         return released
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import operator
 import os
@@ -43,7 +44,6 @@ from ipc.control import Control
 from ipc.control import Flusher as F
 from ipc.control import Ingest as I
 from ipc.control import Worker as W
-from ipc.layout import record_size
 from ipc.ring import Ring
 from ipc.wakeup import Wakeup
 
@@ -184,7 +184,7 @@ class IngestProcess:
         self.rings = control.intent_rings[index]
         # The largest stored record a ring takes. A frame within max_frame_bytes
         # can still re-encode larger (escapes, floats): such an intent is refused.
-        self.max_record = min(ring.max_payload for ring in self.rings)
+        self.max_record = min(ring.max_item for ring in self.rings)
         for ring in self.rings:
             ring.resume_producer()
         self.inboxes = [OutcomeInbox(ring, out) for ring, out in zip(self.rings, control.outcome_rings[index])]
@@ -518,7 +518,7 @@ class IngestProcess:
             if not backlog:  # else behind what already waits: in order, through the backlog
                 positions: list[int] = []
                 with self.rings[lane].claim() as claim:
-                    written = claim.try_append_run([payloads[k] for k in ks], recv_ns, positions)
+                    written = claim.try_append_packed([payloads[k] for k in ks], recv_ns, positions)
                 if written:
                     self.waiting[lane].extend(
                         zip(positions, repeat(conn), [intents[k].client_id for k in ks], [intents[k].seq for k in ks])
@@ -539,15 +539,22 @@ class IngestProcess:
         with contextlib.ExitStack() as stack:
             claimed: dict[int, Ring] = {}
             while backlog:
-                payload, recv_ns, client_id, seq, lane = backlog[0]
+                # One packed run per stretch of the backlog that shares a lane
+                # and an arrival time (one socket read's intents for a lane).
+                head = backlog[0]
+                lane = head[4]
+                group = list(itertools.takewhile(lambda e, h=head: e[4] == h[4] and e[1] == h[1], backlog))
+                recv_ns = head[1]
                 claim = claimed.get(lane)
                 if claim is None:
                     claim = claimed[lane] = stack.enter_context(rings[lane].claim())
-                if not claim.try_append(payload, recv_ns):
+                positions: list[int] = []
+                written = claim.try_append_packed([e[0] for e in group], recv_ns, positions)
+                waiting[lane].extend(zip(positions, repeat(conn), [e[2] for e in group], [e[3] for e in group]))
+                for _ in range(written):
+                    backlog.popleft()
+                if written < len(group):
                     break
-                # Counted back from the end: a pad may have preceded the record.
-                waiting[lane].append((claim.claimed - record_size(len(payload)), conn, client_id, seq))
-                backlog.popleft()
         for lane in claimed:  # published as the stack closed
             self.data_wakes[lane].signal()
         return not backlog

@@ -15,7 +15,7 @@ Ring header (``HEADER_BYTES`` = 256)::
     +----------------------------------------------------------------+
 128 | RELEASE_CURSOR i64 -- written only by the consumer             |
     +----------------------------------------------------------------+
-192 |                          (reserved)                            |
+192 | DURABLE_CURSOR i64 -- written only by the consumer             |
     +----------------------------------------------------------------+
 256 | data area: CAPACITY bytes, records laid end to end             |
 
@@ -25,6 +25,22 @@ A record (8-byte aligned, ``record_size(n)`` bytes in all)::
     +------------+------------+--------------------------+-----------------+
     | LENGTH i32 | TYPE   i32 | RECV_NS i64 (monotonic)  | payload ... pad |
     +------------+------------+--------------------------+-----------------+
+
+A *packed run* (``TYPE_RUN``) carries many items in one record: its
+payload is ``COUNT u32 | (unused) u32 | BODY``, where BODY is the items
+joined by ``,\n`` (``RUN_SEPARATOR``). Items never hold a newline (compact
+JSON never does; the producer checks), so the separators are exactly the
+newlines of BODY and a consumer finds item boundaries only when it needs
+them: JSON items joined that way are already the inside of the array a batch
+sends, so a whole run is taken as one slice. Item j of the run at position P
+has the *item position* P + j: unique and ordered, since a record is longer
+than its count (``RUN_HEADER_BYTES`` plus 2 bytes per item but one).
+
+``RELEASE_CURSOR`` is where the producer may reuse bytes up to (a record
+boundary: a consumer releases a run only once it took every item).
+``DURABLE_CURSOR`` >= ``RELEASE_CURSOR`` is the item position below which
+the consumer is done with every item, so it may point inside a run the
+consumer took only part of. The consumer stores DURABLE before RELEASE.
 
 ``TYPE_PAD`` fills the tail of the data area when the next record would not
 fit before the end; the reader skips straight to the start of the next lap.
@@ -56,7 +72,8 @@ MAGIC_OFFSET = 0
 CAPACITY_OFFSET = MAGIC_OFFSET + 8
 WRITE_CURSOR_OFFSET = CACHE_LINE
 RELEASE_CURSOR_OFFSET = WRITE_CURSOR_OFFSET + CACHE_LINE
-HEADER_BYTES = RELEASE_CURSOR_OFFSET + 2 * CACHE_LINE
+DURABLE_CURSOR_OFFSET = RELEASE_CURSOR_OFFSET + CACHE_LINE
+HEADER_BYTES = DURABLE_CURSOR_OFFSET + CACHE_LINE
 DATA_OFFSET = HEADER_BYTES
 
 RECORD_ALIGNMENT = 8
@@ -67,6 +84,12 @@ RECORD_HEADER_BYTES = RECV_NS_OFFSET + 8
 
 TYPE_DATA = 1
 TYPE_PAD = 2
+TYPE_RUN = 3
+
+# A packed run: the record header, then COUNT (u32) and an unused u32, then
+# the items joined by RUN_SEPARATOR.
+RUN_HEADER_BYTES = RECORD_HEADER_BYTES + 8
+RUN_SEPARATOR = b",\n"
 
 # Bulk access reads the data area as little-endian int64 words: a record
 # starts on a word (``RECORD_ALIGNMENT``), its LENGTH and TYPE are the low
@@ -106,6 +129,12 @@ def header_word(payload_len: Any, record_type: int = TYPE_DATA) -> Any:
     """The first word of a record: LENGTH in the low half, TYPE in the high
     half (an int, or an int64 array of lengths)."""
     return payload_len | record_type << TYPE_SHIFT
+
+
+def max_item(capacity: int) -> int:
+    """Largest item a packed run may carry: a run of one must fit in a
+    record (``max_payload``)."""
+    return max_payload(capacity) - (RUN_HEADER_BYTES - RECORD_HEADER_BYTES)
 
 
 def ring_bytes(capacity: int) -> int:

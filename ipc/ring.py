@@ -5,26 +5,29 @@ and *publishes* them by storing ``WRITE_CURSOR`` once; the consumer *reads* a
 run of published records, processes them, then *releases* them by storing
 ``RELEASE_CURSOR``. Only released bytes may be reused, so the producer never
 overwrites a record the consumer has not finished with: when the ring is full
-``try_append`` returns False (``try_append_run`` a short count) and the
+``try_append`` returns False (``try_append_packed`` a short count) and the
 producer backs off.
 
-Cursors are touched once per claim and once per read, never per record. The
-bulk paths do per run what can be done per run: ``try_append_run`` computes
-every record's place with numpy, copies the whole run in one ``struct`` call
-per lap and writes every header with two numpy stores; ``read`` follows the
-chain of lengths (the one step that is per record by nature: where record k
-starts depends on record k-1) with the fewest Python operations, then checks
-every header and gathers every arrival time with numpy.
+Two kinds of records share the layout (``ipc/layout.py``):
+
+* one payload per record (``try_append``, ``read``), for the outcome rings:
+  ``read`` follows the chain of lengths with the fewest Python operations
+  and checks every header and gathers every arrival time with numpy;
+* *packed runs* (``try_append_packed``, ``read_packed``), for the intent
+  rings: many items in one record, joined by ``,\n``, so a run costs one
+  ``join`` and one copy in, one copy out, and nothing per item in Python.
+  The consumer side (taking items in any counts, the durable cursor) is
+  ``ipc/runqueue.py``.
+
+Cursors are touched once per claim and once per read, never per record.
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from itertools import accumulate, repeat
 from typing import Any
 
 import numpy as np
@@ -33,8 +36,12 @@ from ipc import layout
 from ipc.cursors import Cursor
 
 _RECORD_HEADER = struct.Struct("<iiq")
+_RUN_HEADER = struct.Struct("<iiqII")  # the record header, then COUNT and an unused word
+_SEPARATOR = layout.RUN_SEPARATOR
+_NEWLINE = ord("\n")
 _PAD_HEADER = struct.Struct("<ii")
 _U64 = struct.Struct("<Q")
+_COUNT = struct.Struct("<I")
 
 
 class _Formats(dict[int, str]):
@@ -54,16 +61,6 @@ class _Formats(dict[int, str]):
         return fmt
 
 
-class _RecordSizes(dict[int, int]):
-    """``layout.record_size`` as a lookup, so ``map`` runs it in C."""
-
-    def __missing__(self, n: int) -> int:
-        size = layout.record_size(n)
-        if n <= _CACHED_LENGTHS:
-            self[n] = size
-        return size
-
-
 # An ingest sees a handful of distinct lengths up to its largest frame
 # (64 KiB): those are kept. Longer payloads build theirs each time rather
 # than grow the caches without bound.
@@ -71,13 +68,6 @@ _CACHED_LENGTHS = 1 << 16
 # A record's payload past its header: the producer copies payloads in
 # (numpy writes the headers), the consumer copies them out.
 _PAYLOAD_FORMATS = _Formats(f"{layout.RECORD_HEADER_BYTES}x")
-_RECORD_SIZES = _RecordSizes()
-
-# Runs shorter than this are appended record by record: the run path's
-# fixed cost (a struct format to compile, a few numpy calls) is paid back
-# from about 20 records (measured here: 16 records 743 vs 666 ns each,
-# 32 records 472 vs 640, 857 records ~200 vs ~430).
-_SHORT_RUN = 24
 
 # The consumer's scan (``Ring._scan``) looks at this many words per record it
 # may take: 128 bytes, more than an intent's ~96, so one window usually
@@ -125,6 +115,60 @@ class Run:
         self.payloads = []
 
 
+class Packed:
+    """One packed run as read: where it lies, its arrival time, how many
+    items it holds and its body (the items joined by
+    ``layout.RUN_SEPARATOR``, bytes copied out of the ring). ``taken``: how
+    many of its items, from the first, the consumer has already taken.
+    ``ends`` (where each item ends in the body) is found on first use: a
+    consumer that takes whole runs never needs it."""
+
+    __slots__ = ("_ends", "body", "count", "end", "position", "recv_ns", "taken")
+
+    def __init__(self, position: int, end: int, recv_ns: int, count: int, body: bytes) -> None:
+        self.position = position
+        self.end = end  # the position after the record
+        self.recv_ns = recv_ns
+        self.count = count
+        self.body = body
+        self.taken = 0
+        self._ends: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    @property
+    def ends(self) -> np.ndarray:
+        """Where each item ends in ``body`` (int64). Raises ValueError when
+        the body's separators do not match the count (corrupt memory)."""
+        if self._ends is None:
+            newlines = np.flatnonzero(np.frombuffer(self.body, dtype=np.uint8) == _NEWLINE)
+            if newlines.size != self.count - 1:
+                raise ValueError(
+                    f"corrupt packed run at {self.position}: {newlines.size + 1} items in the body, count {self.count}"
+                )
+            self._ends = np.append(newlines - 1, len(self.body))
+        return self._ends
+
+    def start(self, j: int) -> int:
+        """Where item ``j`` starts in ``body``."""
+        return int(self.ends[j - 1]) + len(_SEPARATOR) if j else 0
+
+    def item(self, j: int) -> bytes:
+        """Item ``j`` (a copy; for tests and checks, not the hot path). The
+        first and the last are found without the item boundaries."""
+        if self.count == 1:
+            return self.body
+        if not j:
+            return self.body[: self.body.index(b"\n") - 1]
+        if j == self.count - 1:
+            return self.body[self.body.rindex(b"\n") + 1 :]
+        return self.body[self.start(j) : int(self.ends[j])]
+
+    def items(self) -> list[bytes]:
+        return self.body.split(_SEPARATOR) if self.count > 1 else [self.body]
+
+
 class Ring:
     """One ring inside a shared buffer at ``offset``.
 
@@ -167,8 +211,10 @@ class Ring:
             (capacity >> layout.WORD_SHIFT,), dtype="<i8", buffer=buf, offset=offset + layout.DATA_OFFSET
         )
         self._word_items = self._data.cast("q")
+        self.max_item = layout.max_item(capacity)
         self.write_cursor = Cursor(buf, offset + layout.WRITE_CURSOR_OFFSET, f"{name}.write")
         self.release_cursor = Cursor(buf, offset + layout.RELEASE_CURSOR_OFFSET, f"{name}.release")
+        self.durable_cursor = Cursor(buf, offset + layout.DURABLE_CURSOR_OFFSET, f"{name}.durable")
         # Producer-side caches: where the next record goes, and how far it may
         # go before the release cursor has to be re-read.
         self._claim_pos = self.write_cursor.load_acquire()
@@ -184,7 +230,7 @@ class Ring:
     def try_append(self, payload: bytes, recv_ns: int = 0) -> bool:
         """Write one record after the claimed ones, unpublished. Returns False
         (writing nothing) when the ring lacks room; raises ValueError for a
-        payload that could never fit. (One record; for many, ``try_append_run``.)"""
+        payload that could never fit. (One record; for many, ``try_append_packed``.)"""
         n = len(payload)
         if n > self.max_payload:
             raise ValueError(f"{self.name}: payload of {n} bytes exceeds {self.max_payload}")
@@ -208,86 +254,89 @@ class Ring:
         self._claim_pos = pos + size
         return True
 
-    def try_append_run(
-        self, payloads: Sequence[bytes], recv_ns: int | Sequence[int] = 0, positions: list[int] | None = None
-    ) -> int:
-        """Write ``payloads`` as records after the claimed ones, in order,
-        unpublished, as many as the ring has room for; returns how many (all
-        of them, or a prefix when the ring filled up).
+    def try_append_packed(self, payloads: Sequence[bytes], recv_ns: int = 0, positions: list[int] | None = None) -> int:
+        """Write ``payloads`` as items of packed runs (``layout.TYPE_RUN``)
+        after the claimed records, in order, unpublished, as many as the ring
+        has room for; returns how many (all, or a prefix when it filled up).
 
-        ``recv_ns`` is one arrival time for every record or one per payload.
-        ``positions``, when given, is extended with each written record's
-        position (what the consumer's ``Run.positions`` will say). Raises
-        ValueError, writing nothing, when a payload could never fit.
-
-        Per run, not per record: the records' places (and the pad, when the
-        run crosses the end of the data area) come from one cumulative sum,
-        one ``struct`` call per lap copies every payload, two numpy stores
-        write every header; the per-record steps left are C loops, never
-        Python bytecode. A short run goes record by record (``try_append``),
-        cheaper below ``_SHORT_RUN`` records. Nothing is visible before
-        ``publish``, so a producer killed half-way leaves nothing behind."""
+        Usually one record holds them all: its header and the items joined
+        by ``layout.RUN_SEPARATOR``, so the whole run costs one ``join``, one
+        vector check and one copy however many items it has; nothing is done
+        per item in Python. A run is split where it would cross the end of
+        the data area (the tail takes what fits; a pad only when not even
+        one item does) or exceed ``max_payload``; only then are the item
+        boundaries found (a vector scan for the newlines). ``recv_ns`` is
+        every item's arrival time. ``positions``, when given, is extended
+        with each written item's position (its run's position plus its index
+        in the run). Raises ValueError, writing nothing, for an item with a
+        newline or longer than ``max_item``. Nothing is visible before
+        ``publish``."""
         n = len(payloads)
         if not n:
             return 0
-        lengths = list(map(len, payloads))
-        longest = max(lengths)
-        if longest > self.max_payload:
-            raise ValueError(f"{self.name}: payload of {longest} bytes exceeds {self.max_payload}")
-        if n < _SHORT_RUN:
-            return self._append_each(payloads, recv_ns, positions)
-        sizes = list(map(_RECORD_SIZES.__getitem__, lengths))
-        pos = self._claim_pos
-        idx = pos & self._mask
-        tail = self.capacity - idx
-        # Where each record ends, counted from the claim position. Records
-        # that do not fit before the end of the lap go to the start of the
-        # next one, after a pad.
-        ends = list(accumulate(sizes))
-        first_lap = bisect.bisect_right(ends, tail)
-        pad = 0
-        if first_lap < n:
-            pad = tail - (ends[first_lap - 1] if first_lap else 0)
-            ends[first_lap:] = accumulate(sizes[first_lap:], initial=tail)
-            del ends[first_lap]  # the initial value
-        if ends[-1] > self._limit - pos:
-            self._limit = self.release_cursor.load_acquire() + self.capacity
-        room = self._limit - pos
-        count = n if ends[-1] <= room else bisect.bisect_right(ends, room)
-        if not count:
-            return 0
+        body = _SEPARATOR.join(payloads)
+        if n > 1:
+            newlines = np.flatnonzero(np.frombuffer(body, dtype=np.uint8) == _NEWLINE)
+        else:
+            newlines = _NO_WORDS if body.find(b"\n") < 0 else np.zeros(1, dtype=np.int64)
+        if newlines.size != n - 1:
+            raise ValueError(f"{self.name}: a packed item contains a newline (items are joined by ',\\n')")
+        ends = None  # where each item ends in body, found only if the run must be split
+        if len(body) > self.max_item:
+            ends = np.append(newlines - 1, len(body))
+            longest = int(np.max(ends - np.append(0, newlines + 1)))
+            if longest > self.max_item:
+                raise ValueError(f"{self.name}: item of {longest} bytes exceeds {self.max_item}")
+        half = self.capacity // 2  # record_size(max_payload): no record is larger
+        fixed = layout.RUN_HEADER_BYTES
+        done = 0
+        start = 0  # where item ``done`` starts in body
         data = self._data
-        for lap, (a, b) in enumerate(((0, min(first_lap, count)), (first_lap, count))):
-            if a >= b:
-                continue
-            at = ends[a] - sizes[a]  # from the claim position
-            if lap and pad:
-                _PAD_HEADER.pack_into(data, idx + at - pad, pad, layout.TYPE_PAD)
-            image = struct.Struct("<" + "".join(map(_PAYLOAD_FORMATS.__getitem__, lengths[a:b])))
-            image.pack_into(data, (idx + at) & self._mask, *(payloads if b - a == n else payloads[a:b]))
-        # Every header at once: word indexes from the records' places.
-        starts = np.array(ends[:count], dtype=np.int64) - np.array(sizes[:count], dtype=np.int64)
-        first_words = ((starts + idx) & self._mask) >> layout.WORD_SHIFT
-        words = self._words
-        words[first_words + layout.LENGTH_TYPE_WORD] = layout.header_word(np.array(lengths[:count], dtype=np.int64))
-        words[first_words + layout.RECV_NS_WORD] = (
-            recv_ns if isinstance(recv_ns, int) else np.array(recv_ns[:count], dtype=np.int64)
-        )
-        if positions is not None:
-            positions += (starts + pos).tolist()
-        self._claim_pos = pos + ends[count - 1]
-        return count
+        while done < n:
+            pos = self._claim_pos
+            idx = pos & self._mask
+            tail = self.capacity - idx
+            budget = min(tail, half)
+            whole = layout.align(fixed + len(body) - start)
+            if pos + min(budget, whole) > self._limit:
+                self._limit = self.release_cursor.load_acquire() + self.capacity
+            room = self._limit - pos
+            if whole <= min(budget, room):
+                k, stop = n - done, len(body)
+            else:
+                if ends is None:
+                    ends = np.append(newlines - 1, len(body))
+                k = self._fits(ends, done, start, min(budget, room))
+                if k <= 0:  # maybe the consumer made room since the limit was read
+                    self._limit = self.release_cursor.load_acquire() + self.capacity
+                    room = self._limit - pos
+                    k = self._fits(ends, done, start, min(budget, room))
+                if k <= 0:  # not even the next item fits before the end of the lap
+                    first = layout.align(fixed + int(ends[done]) - start)
+                    if room <= tail or first > min(room - tail, half):
+                        break  # full: the rest waits
+                    _PAD_HEADER.pack_into(data, idx, tail, layout.TYPE_PAD)
+                    pos += tail
+                    idx = 0
+                    k = self._fits(ends, done, start, min(room - tail, half))
+                stop = int(ends[done + k - 1])
+            length = fixed - layout.RECORD_HEADER_BYTES + stop - start
+            _RUN_HEADER.pack_into(data, idx, length, layout.TYPE_RUN, recv_ns, k, 0)
+            data[idx + fixed : idx + fixed + stop - start] = (
+                body if not start and stop == len(body) else memoryview(body)[start:stop]
+            )
+            if positions is not None:
+                positions += range(pos, pos + k)
+            self._claim_pos = pos + layout.align(layout.RECORD_HEADER_BYTES + length)
+            start = stop + len(_SEPARATOR)
+            done += k
+        return done
 
-    def _append_each(self, payloads: Sequence[bytes], recv_ns: int | Sequence[int], positions: list[int] | None) -> int:
-        """``try_append_run`` for a short run: record by record."""
-        count = 0
-        for payload, stamp in zip(payloads, repeat(recv_ns) if isinstance(recv_ns, int) else recv_ns):
-            if not self.try_append(payload, stamp):
-                break
-            if positions is not None:  # counted back from the end: a pad may precede the record
-                positions.append(self._claim_pos - layout.record_size(len(payload)))
-            count += 1
-        return count
+    @staticmethod
+    def _fits(ends: np.ndarray, done: int, start: int, space: int) -> int:
+        """How many items from item ``done`` (at ``start`` in the body) one
+        record of at most ``space`` bytes holds."""
+        return int(np.searchsorted(ends, start + space - layout.RUN_HEADER_BYTES, "right")) - done
 
     def publish(self) -> int:
         """Make every appended record visible (release) and return the cursor."""
@@ -445,13 +494,61 @@ class Ring:
         length, record_type = head & layout.LENGTH_MASK, head >> layout.TYPE_SHIFT
         return ValueError(f"{self.name}: corrupt record at {position} (type {record_type}, length {length})")
 
-    def release_to(self, position: int) -> None:
-        """Hand bytes before ``position`` back to the producer (release)."""
+    def release_to(self, position: int, durable: int | None = None) -> None:
+        """Hand bytes before ``position`` back to the producer (release).
+        ``durable`` (default: ``position``) is the item position below which
+        the consumer is done with every item, past ``position`` when it took
+        only part of the packed run there; it is stored first, so it never
+        trails the release cursor."""
+        self.durable_cursor.store_release(position if durable is None else durable)
         self.release_cursor.store_release(position)
 
     def released(self) -> int:
-        """The consumer's cursor (acquire)."""
+        """The consumer's release cursor (acquire): a record boundary."""
         return self.release_cursor.load_acquire()
+
+    def durable(self) -> int:
+        """The consumer's durable cursor (acquire): every item (or record)
+        at a position below it is done with."""
+        return self.durable_cursor.load_acquire()
+
+    def read_packed(self, start: int, end: int, max_items: int) -> tuple[list[Packed], int]:
+        """The packed runs in ``[start, end)`` (``end`` a published cursor
+        value), whole runs until they hold at least ``max_items`` items, and
+        where the next read starts (past trailing pads). Each run's body is
+        copied out, so it outlives the release and holds no view into the
+        segment. One Python step per run, none per item. Raises ValueError
+        on a record no packed producer writes."""
+        runs: list[Packed] = []
+        pos = start
+        items = 0
+        words, data = self._word_items, self._data
+        shift, fixed = layout.WORD_SHIFT, layout.RUN_HEADER_BYTES
+        while pos < end and items < max_items:
+            idx = pos & self._mask
+            head = words[idx >> shift]
+            length, record_type = head & layout.LENGTH_MASK, head >> layout.TYPE_SHIFT
+            if record_type == layout.TYPE_PAD:
+                if idx + length != self.capacity:
+                    raise self._corrupt(pos, head)
+                pos += length
+                continue
+            size = layout.align(layout.RECORD_HEADER_BYTES + length)
+            if record_type != layout.TYPE_RUN or length > self.max_payload or pos + size > end:
+                raise self._corrupt(pos, head)
+            (count,) = _COUNT.unpack_from(data, idx + layout.RECORD_HEADER_BYTES)
+            body_len = length - (fixed - layout.RECORD_HEADER_BYTES)
+            if not count or body_len < (count - 1) * len(_SEPARATOR):
+                raise self._corrupt(pos, head)
+            at = idx + fixed
+            runs.append(Packed(pos, pos + size, words[(idx >> shift) + 1], count, bytes(data[at : at + body_len])))
+            items += count
+            pos += size
+        if pos < end:
+            idx = pos & self._mask
+            if words[idx >> shift] >> layout.TYPE_SHIFT == layout.TYPE_PAD:
+                pos += self.capacity - idx  # a trailing pad: the next read starts on the next lap
+        return runs, pos
 
     def close(self) -> None:
         """Release every view into the shared buffer."""
@@ -460,6 +557,7 @@ class Ring:
         self._data.release()
         self.write_cursor.detach()
         self.release_cursor.detach()
+        self.durable_cursor.detach()
 
     def __repr__(self) -> str:
         return (

@@ -1,7 +1,15 @@
 """The outcome hand-off (engine/handoff.py): a reply is the stored outcome,
 whatever the fill level of the outcome ring and whichever side pauses or
 restarts. Driven with real rings in shared memory, the smallest outcome ring
-the layout allows, and random interleavings of the two sides."""
+the layout allows, and random interleavings of the two sides.
+
+The intent ring carries packed runs, used exactly as the engine uses them:
+the ingest appends many intents per run (``try_append_packed``), the flusher
+queues runs in a ``RunQueue`` and cuts batches of any size, so a batch often
+ends inside a run, and acknowledges with ``consume`` (durable cursor, then
+release cursor). A flusher may die between those two stores: its successor
+then finds the durable cursor ahead of the release cursor, maybe several
+runs ahead, and must skip every item below it."""
 
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ from engine.handoff import OutcomeInbox, OutcomeOutbox
 from engine.intent import Outcome
 from ipc import layout
 from ipc.ring import Ring
+from ipc.runqueue import RunQueue
 from ipc.shm import Segment
 
 INTENT_CAP = 1 << 16
@@ -36,9 +45,10 @@ class World:
         self.stored: dict[int, tuple[str, str]] = {}  # position -> (status, code): the database
         self.waiting: list[int] = []  # positions this ingest process wrote and awaits
         self.replies: dict[int, tuple[str, str]] = {}
-        self.next_cut = 0  # the flusher's scan position
+        self.queue = RunQueue(self.intents)  # the flusher's runs read and not yet released
         self.batch: list[int] | None = None  # cut, written, outcomes being published
         self.unpublished: list[bytes] = []
+        self.durable = 0  # the highest durable cursor seen: it never moves back
 
     def close(self) -> None:
         self.intents.close()
@@ -47,11 +57,11 @@ class World:
 
     # ------------------------------------------------------------- ingest
     def ingest_write(self) -> None:
+        """One packed run per claim, as the ingest writes a frame's intents;
+        a full ring takes a prefix and the rest is dropped here."""
+        payloads = [b"intent"] * self.rnd.randint(1, 30)
         with self.intents.claim() as claim:
-            for _ in range(self.rnd.randint(1, 30)):
-                if not claim.try_append(b"intent"):
-                    break
-                self.waiting.append(claim.claimed - layout.record_size(6))
+            claim.try_append_packed(payloads, 0, self.waiting)
 
     def ingest_reply(self) -> None:
         released = self.inbox.released()
@@ -69,15 +79,21 @@ class World:
 
     # ------------------------------------------------------------ flusher
     def flusher_cut(self, most: int | None = None) -> None:
+        """Queue the published runs and take ``most`` items (random: a
+        batch usually ends inside a run, since runs are read whole)."""
         if self.batch is not None:
             return
-        published = self.intents.published()
-        if published <= self.next_cut:
+        want = most or self.rnd.randint(1, 60)
+        k = min(want, self.queue.fill(want))
+        if not k:
             return
-        run = self.intents.read(self.next_cut, published, most or self.rnd.randint(1, 60))
-        positions = list(run.positions)
-        self.next_cut = run.end
-        run.detach()
+        positions = self.queue.positions(0, k)
+        # An item the durable cursor passed is done (maybe replied): a
+        # flusher, restarted or not, must never take it again.
+        durable = self._durable_now()
+        assert positions[0] >= durable, f"cut from {positions[0]}, below the durable cursor {durable}"
+        again = self.replies.keys() & set(positions)
+        assert not again, f"positions {sorted(again)[:5]} were replied and are cut again"
         outs = []
         for pos in positions:  # "write" the batch: outcomes decided once, stored
             duplicate = pos in self.stored
@@ -94,21 +110,51 @@ class World:
             if status != "committed" or duplicate:
                 outs.append(self.outbox.encode(Outcome(pos, status, code, LONG_REASON, duplicate)))
         self.batch, self.unpublished = positions, outs
-        self._batch_end = self.next_cut
 
     def flusher_publish(self) -> None:
         if self.batch is None:
             return
         del self.unpublished[: self.outbox.publish(self.unpublished)]
-        if not self.unpublished:  # every outcome handed over: release
-            self.intents.release_to(self._batch_end)
+        if not self.unpublished:  # every outcome handed over: durable, then released
+            durable = self._durable_after_batch()
+            self.queue.consume(len(self.batch))
+            assert self._durable_now() == durable, f"consume stored {self.intents.durable()}, expected {durable}"
             self.batch = None
 
     def flusher_restart(self) -> None:
-        """Killed at any point: the successor starts at the release cursor
-        and writes the unreleased records again (duplicates, stored outcome)."""
+        """Killed at any point: the successor reads from the release cursor,
+        skips the items below the durable cursor and writes the rest again
+        (duplicates, stored outcome)."""
         self.batch, self.unpublished = None, []
-        self.next_cut = self.intents.released()
+        self.queue = RunQueue(self.intents)
+
+    def flusher_die_between_cursors(self) -> None:
+        """Killed inside ``consume``: every outcome published and the durable
+        cursor stored, the release cursor not. The successor finds DURABLE
+        ahead of RELEASE (inside a run, or several runs on)."""
+        if self.batch is None:
+            return
+        del self.unpublished[: self.outbox.publish(self.unpublished)]
+        if self.unpublished:
+            return  # outcomes still pending: consume is not reached yet
+        self.intents.durable_cursor.store_release(self._durable_after_batch())
+        self.flusher_restart()
+
+    def _durable_after_batch(self) -> int:
+        """What ``consume`` stores as the durable cursor for the current
+        batch: the position of the first item left queued, or where the
+        queue's reading ended when the batch emptied it."""
+        assert self.batch is not None
+        left = self.queue.positions(len(self.batch), 1)
+        return left[0] if left else self.queue.end
+
+    def _durable_now(self) -> int:
+        """The durable cursor, checked never to move back."""
+        durable = self.intents.durable()
+        assert durable >= self.durable, f"durable cursor moved back from {self.durable} to {durable}"
+        assert durable >= self.intents.released(), "durable cursor behind the release cursor"
+        self.durable = durable
+        return durable
 
 
 STEPS = ["ingest_write", "ingest_reply", "flusher_cut", "flusher_publish"]
@@ -117,8 +163,9 @@ STEPS = ["ingest_write", "ingest_reply", "flusher_cut", "flusher_publish"]
 def run_world(seed: int, steps: int, restarts: bool) -> World:
     world = World(seed)
     try:
-        choices = STEPS + (["ingest_restart", "flusher_restart"] if restarts else [])
-        weights = [5, 4, 3, 6] + ([0.05, 0.05] if restarts else [])
+        restart_steps = ["ingest_restart", "flusher_restart", "flusher_die_between_cursors"]
+        choices = STEPS + (restart_steps if restarts else [])
+        weights = [5, 4, 3, 6] + ([0.05, 0.05, 0.05] if restarts else [])
         for _ in range(steps):
             getattr(world, world.rnd.choices(choices, weights)[0])()
         # Quiesce: the flusher finishes, the ingest replies.
@@ -126,7 +173,9 @@ def run_world(seed: int, steps: int, restarts: bool) -> World:
             world.flusher_cut()
             world.flusher_publish()
             world.ingest_reply()
-            if world.batch is None and world.next_cut == world.intents.published() and not world.waiting:
+            queue = world.queue
+            idle = world.batch is None and not queue.count and queue.end == world.intents.published()
+            if idle and not world.waiting:
                 break
         for position, reply in world.replies.items():
             assert reply == world.stored[position], (

@@ -1,10 +1,10 @@
 """The ring: claim/publish, wrap with padding, full ring, invisible partial
-writes, the bulk paths (runs in, runs out) against a model, a writer killed
-mid-run, and a two-process stress with a checksum."""
+writes, the vector read of many records, packed runs (in and out, taken in
+any counts, restarts between the two cursors) against a model, a writer
+killed mid-run, and a two-process stress with a checksum."""
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import multiprocessing
 import os
@@ -15,16 +15,15 @@ import subprocess
 import sys
 import textwrap
 import zlib
-from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipc import layout
-from ipc import ring as ring_module
 from ipc.control import Control, SegmentMap
 from ipc.ring import Ring
+from ipc.runqueue import RunQueue
 from ipc.shm import Segment
 from ipc.wakeup import Wakeup
 
@@ -133,7 +132,7 @@ def test_segment_has_no_name_in_dev_shm():
 
 
 WRITER = textwrap.dedent("""
-    import hashlib, os, sys
+    import hashlib, os, random, sys
     sys.path.insert(0, {root!r})
     from ipc.control import Control, SegmentMap
     from ipc.shm import Segment
@@ -145,17 +144,17 @@ WRITER = textwrap.dedent("""
     ring.resume_producer()
     data, space = Wakeup(wake_fd), Wakeup(space_fd)
     digest = hashlib.sha256()
+    rng = random.Random(5)
     i = 0
     while i < n:
+        run = [(b"%d:" % k) * (1 + k % 7) for k in range(i, min(n, i + rng.randrange(1, 400)))]
         with ring.claim() as w:
-            while i < n:
-                payload = (b"%d:" % i) * (1 + i % 7)
-                if not w.try_append(payload, i):
-                    break
-                digest.update(payload)
-                i += 1
+            written = w.try_append_packed(run, i)
+        for payload in run[:written]:
+            digest.update(payload)
+        i += written
         data.signal()
-        if i < n:
+        if written < len(run):
             space.wait(0.05)
     print(digest.hexdigest())
     ctl.close(); seg.close()
@@ -163,7 +162,7 @@ WRITER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_two_process_stress_one_million_records_checksum():
+def test_two_process_stress_one_million_packed_items_checksum():
     n = 1_000_000
     from ipc.wakeup import Wakeup
 
@@ -188,24 +187,25 @@ def test_two_process_stress_one_million_records_checksum():
         text=True,
     )
     ring = ctl.intent_rings[0][0]
+    queue = RunQueue(ring)
+    rng = random.Random(6)
     digest = hashlib.sha256()
     seen = 0
-    pos = 0
     try:
         while seen < n:
-            end = ring.published()
-            if end == pos:
+            if not queue.fill(4096):
                 data.wait(1.0)
-                assert proc.poll() is None or ring.published() > pos, "writer died"
+                assert proc.poll() is None or ring.published() > queue.end, "writer died"
                 continue
-            run = ring.read(pos, end, 4096)
-            for payload, recv in zip(run.payloads, run.recv_ns):
-                assert recv == seen, f"record {seen} out of order"
+            k = rng.randint(1, queue.count)  # batches end anywhere, inside runs too
+            parts, _ = queue.slices(0, k)
+            items = layout.RUN_SEPARATOR.join(parts).split(layout.RUN_SEPARATOR)
+            assert len(items) == k
+            for payload in items:
+                assert payload.startswith(b"%d:" % seen), f"item {seen} out of order"
                 digest.update(payload)
                 seen += 1
-            run.detach()
-            pos = run.end
-            ring.release_to(pos)
+            queue.consume(k)
             space.signal()
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -241,15 +241,7 @@ def test_segment_map_gives_every_ingest_lane_pair_its_own_rings():
         seg.close()
 
 
-# ------------------------------------------------------------------ runs
-@pytest.fixture(params=["record by record", "one run"])
-def run_path(request, monkeypatch):
-    """Both ways ``try_append_run`` writes: short runs go record by record,
-    longer ones through the bulk path; each test runs both whatever its size."""
-    monkeypatch.setattr(ring_module, "_SHORT_RUN", 1 << 30 if request.param == "record by record" else 1)
-    return request.param
-
-
+# ------------------------------------------------------- many records, one read
 def fresh_ring(capacity: int = CAP) -> tuple[Segment, Ring]:
     seg = Segment.create(layout.ring_bytes(capacity))
     return seg, Ring(seg.buf, 0, capacity, create=True, name="t")
@@ -261,110 +253,21 @@ def close(seg: Segment, *rings: Ring) -> None:
     seg.close()
 
 
-def test_run_reads_back_in_order_with_positions_and_stamps(ring, run_path):
-    payloads = [f"rec-{i}".encode() * (1 + i % 5) for i in range(40)]
-    positions: list[int] = []
+def append_each(ring: Ring, payloads: list[bytes], recv_ns: int = 0) -> list[int]:
+    """Append record by record in one claim; the records' positions."""
+    positions = []
     with ring.claim() as w:
-        assert w.try_append_run(payloads, list(range(100, 140)), positions) == 40
-    for copy in (False, True):
-        run = ring.read(0, ring.published(), 1 << 30, copy=copy)
-        assert [bytes(p) for p in run.payloads] == payloads
-        assert run.recv_ns == list(range(100, 140))
-        assert run.positions == positions
-        assert run.end == ring.published()
-        run.detach()
-
-
-def test_run_writes_the_same_records_as_record_by_record(monkeypatch):
-    """One layout, whichever path wrote it: the same positions, pads and
-    header and payload bytes (only the filler after a payload or a pad
-    header, which nobody reads, may differ)."""
-    monkeypatch.setattr(ring_module, "_SHORT_RUN", 1)  # every run the bulk way
-    rng = random.Random(7)
-    seg = Segment.create(2 * layout.ring_bytes(CAP))
-    one = Ring(seg.buf, 0, CAP, create=True, name="one")
-    bulk = Ring(seg.buf, layout.ring_bytes(CAP), CAP, create=True, name="bulk")
-    try:
-        for _ in range(30):  # several laps, so runs cross the end of the data area
-            payloads = [bytes([rng.randrange(256)]) * rng.randrange(0, 300) for _ in range(rng.randrange(1, 12))]
-            start = one.published()
-            with one.claim() as w:
-                assert all(w.try_append(p, 9) for p in payloads)
-            positions: list[int] = []
-            with bulk.claim() as w:
-                assert w.try_append_run(payloads, 9, positions) == len(payloads)
-            assert one.published() == bulk.published()
-            assert one.read(start, one.published(), 99, copy=True).positions == positions
-            for at, payload in zip([start, *positions], [b"", *payloads]):  # the first: a pad there, if any
-                idx = at & (CAP - 1)
-                n = layout.RECORD_HEADER_BYTES + len(payload) if at != start else 8
-                assert bytes(one._data[idx : idx + n]) == bytes(bulk._data[idx : idx + n])
-            assert drain(one) == drain(bulk) == payloads
-    finally:
-        close(seg, one, bulk)
-
-
-def test_run_is_invisible_until_published(ring, run_path):
-    assert ring.try_append_run([b"a", b"bb", b"ccc"]) == 3
-    assert ring.published() == 0
-    assert len(ring.read(0, ring.published(), 10)) == 0
-    ring.abort()
-    with ring.claim() as w:
-        w.try_append_run([b"real"])
-    assert drain(ring) == [b"real"]
-
-
-def test_run_claim_aborts_on_exception(ring, run_path):
-    with pytest.raises(RuntimeError), ring.claim() as w:
-        w.try_append_run([b"x", b"y"])
-        raise RuntimeError("boom")
-    assert ring.published() == 0 and ring.claimed == 0
-
-
-def test_run_inserts_one_pad_where_it_crosses_the_end(ring, run_path):
-    with ring.claim() as w:
-        assert w.try_append_run([b"p" * 1000] * 3) == 3  # 3048 bytes: 1048 left in the lap
-    assert drain(ring) == [b"p" * 1000] * 3
-    run = [b"a" * 500, b"b" * 500, b"c" * 100]  # 520 + 520 fit; 116 does not fit the last 8
-    positions: list[int] = []
-    with ring.claim() as w:
-        assert w.try_append_run(run, 0, positions) == 3
-    lap_end = CAP
-    assert positions == [3048, 3568, lap_end]
-    assert ring.published() == lap_end + layout.record_size(100)
-    assert drain(ring) == run
-    assert ring.released() == ring.published()
-
-
-def test_run_stops_at_a_full_ring_and_keeps_the_rest(ring, run_path):
-    payloads = [i.to_bytes(4, "little") * 25 for i in range(100)]  # 100-byte payloads, 116-byte records
-    with ring.claim() as w:
-        written = w.try_append_run(payloads)
-    assert written == CAP // layout.record_size(100) < len(payloads)
-    with ring.claim() as w:
-        assert w.try_append_run(payloads[written:]) == 0  # still full: nothing more written
-    got = drain(ring)
-    while written < len(payloads):  # the rest, as space is released
-        with ring.claim() as w:
-            step = w.try_append_run(payloads[written:])
-        assert step > 0  # released space is used again
-        written += step
-        got += drain(ring)
-    assert got == payloads
-
-
-def test_run_refuses_a_payload_that_could_never_fit_and_writes_nothing(ring, run_path):
-    with pytest.raises(ValueError, match="exceeds"):
-        ring.try_append_run([b"ok", b"x" * CAP])
-    assert ring.claimed == 0
+        for payload in payloads:
+            assert w.try_append(payload, recv_ns)
+            positions.append(w.claimed - layout.record_size(len(payload)))
+    return positions
 
 
 def test_read_takes_at_most_max_records_and_continues_where_it_stopped():
     seg, ring = fresh_ring(1 << 16)
     try:
         payloads = [b"%05d" % i for i in range(300)]  # enough for the vector scan, and a walk after it
-        with ring.claim() as w:
-            assert w.try_append_run(payloads) == 300
+        append_each(ring, payloads)
         got, pos = [], 0
         for limit in (100, 1, 64, 70, 200):
             run = ring.read(pos, ring.published(), limit, copy=True)
@@ -387,8 +290,7 @@ def test_payloads_that_look_like_headers_are_not_taken_for_records():
         # Every word of these payloads reads as the first word of a record
         # of 0 or 8 bytes; the chain of lengths must still find the records.
         payloads = [header_like(i % 9) * (1 + i % 4) for i in range(400)]
-        with ring.claim() as w:
-            assert w.try_append_run(payloads) == 400
+        append_each(ring, payloads)
         for limit in (1 << 30, 150):
             run = ring.read(0, ring.published(), limit, copy=True)
             assert run.payloads == payloads[:limit]
@@ -400,9 +302,7 @@ def test_payloads_that_look_like_headers_are_not_taken_for_records():
 def test_read_refuses_a_corrupt_header(count):
     seg, ring = fresh_ring(1 << 16)
     try:
-        with ring.claim() as w:
-            positions: list[int] = []
-            assert w.try_append_run([b"abcdefgh"] * count, 0, positions) == count
+        positions = append_each(ring, [b"abcdefgh"] * count)
         struct.pack_into("<i", ring._data, positions[count // 2] + layout.TYPE_OFFSET, 7)
         with pytest.raises(ValueError, match=f"corrupt record at {positions[count // 2]} .type 7"):
             ring.read(0, ring.published(), 1 << 30)
@@ -410,147 +310,286 @@ def test_read_refuses_a_corrupt_header(count):
         close(seg, ring)
 
 
-class Model:
-    """What the ring must hold: the published records, in order, and the
-    appended-but-unpublished ones."""
+# ------------------------------------------------------------- packed runs
+SEP = layout.RUN_SEPARATOR
+
+
+def take_all(queue: RunQueue) -> list[bytes]:
+    """Everything published, taken and consumed; the items."""
+    queue.fill(1 << 30)
+    parts, _ = queue.slices(0, queue.count)
+    items = SEP.join(parts).split(SEP) if parts else []
+    queue.consume(queue.count)
+    return items
+
+
+def test_packed_run_reads_back_as_one_record_with_positions_and_stamp(ring):
+    payloads = [b'["p",%d,"e","move",{}]' % i for i in range(40)]
+    positions: list[int] = []
+    with ring.claim() as w:
+        assert w.try_append_packed(payloads, 77, positions) == 40
+    assert positions == list(range(40))  # one run at position 0: item j is at 0 + j
+    runs, end = ring.read_packed(0, ring.published(), 1)
+    assert end == ring.published() == layout.align(layout.RUN_HEADER_BYTES + len(SEP.join(payloads)))
+    [run] = runs
+    assert (run.position, run.recv_ns, len(run)) == (0, 77, 40)
+    assert run.body == SEP.join(payloads)  # a batch's text is "[" + body + "]"
+    assert run.items() == payloads
+    assert [run.item(j) for j in (0, 17, 39)] == [payloads[0], payloads[17], payloads[39]]
+    assert [run.body[run.start(j) : int(run.ends[j])] for j in range(40)] == payloads
+
+
+def test_packed_run_is_invisible_until_published_and_aborts_on_exception(ring):
+    assert ring.try_append_packed([b"a", b"bb"]) == 2
+    assert ring.published() == 0
+    assert ring.read_packed(0, ring.published(), 10) == ([], 0)
+    ring.abort()
+    with pytest.raises(RuntimeError), ring.claim() as w:
+        w.try_append_packed([b"x", b"y"])
+        raise RuntimeError("boom")
+    assert ring.published() == 0 and ring.claimed == 0
+    with ring.claim() as w:
+        w.try_append_packed([b"real"])
+    assert take_all(RunQueue(ring)) == [b"real"]
+
+
+def test_packed_run_is_split_at_the_end_of_the_lap_not_padded():
+    seg, ring = fresh_ring()
+    try:
+        queue = RunQueue(ring)
+        with ring.claim() as w:  # 3 runs of one 1000-byte item: 1024 bytes each, 3072 in all
+            for _ in range(3):
+                assert w.try_append_packed([b"p" * 1000]) == 1
+        assert take_all(queue) == [b"p" * 1000] * 3
+        items = [b"%03d" % i + b"x" * 96 for i in range(12)]  # 99 bytes each, 101 with the separator
+        positions: list[int] = []
+        with ring.claim() as w:
+            assert w.try_append_packed(items, 5, positions) == 12
+        # 1024 bytes left in the lap: a run of 9 items (24 + 9 * 101 - 2 = 931 bytes; 10 would
+        # take 1032) fills it as far as whole items go, the other 3 start the next lap.
+        assert positions == [3072 + j for j in range(9)] + [CAP + j for j in range(3)]
+        runs, _ = ring.read_packed(queue.end, ring.published(), 1 << 30)
+        assert [(r.position, len(r)) for r in runs] == [(3072, 9), (CAP, 3)]
+        assert take_all(queue) == items
+    finally:
+        close(seg, ring)
+
+
+def test_packed_run_pads_only_when_not_one_item_fits_before_the_end():
+    seg, ring = fresh_ring()
+    try:
+        queue = RunQueue(ring)
+        first, second = b"p" * 2000, b"r" * 1984  # records of 2024 and 2008 bytes: 64 left in the lap
+        with ring.claim() as w:
+            assert w.try_append_packed([first]) == 1
+            assert w.try_append_packed([second]) == 1
+        assert ring.published() == CAP - 64
+        assert take_all(queue) == [first, second]
+        positions: list[int] = []
+        with ring.claim() as w:
+            assert w.try_append_packed([b"q" * 100], 0, positions) == 1  # 124 bytes do not fit in 64
+        assert positions == [CAP]
+        assert take_all(queue) == [b"q" * 100]
+        assert ring.released() == ring.durable() == ring.published()
+    finally:
+        close(seg, ring)
+
+
+def test_packed_run_stops_at_a_full_ring_and_keeps_the_rest(ring):
+    queue = RunQueue(ring)
+    payloads = [b"%04d" % i + b"z" * 96 for i in range(200)]  # far more than 4 KiB
+    with ring.claim() as w:
+        written = w.try_append_packed(payloads)
+    assert 0 < written < len(payloads)
+    with ring.claim() as w:
+        assert w.try_append_packed(payloads[written:]) == 0  # still full: nothing more written
+    got = take_all(queue)
+    while written < len(payloads):  # the rest, as space is released
+        with ring.claim() as w:
+            step = w.try_append_packed(payloads[written:])
+        assert step > 0  # released space is used again
+        written += step
+        got += take_all(queue)
+    assert got == payloads
+
+
+def test_packed_run_refuses_what_it_cannot_carry_and_writes_nothing(ring):
+    with pytest.raises(ValueError, match="exceeds"):
+        ring.try_append_packed([b"ok", b"x" * (ring.max_item + 1)])
+    with pytest.raises(ValueError, match="newline"):
+        ring.try_append_packed([b"ok", b"two\nlines"])
+    with pytest.raises(ValueError, match="newline"):
+        ring.try_append_packed([b"one\nitem"])
+    assert ring.claimed == 0
+    with ring.claim() as w:  # the largest item does fit, alone
+        assert w.try_append_packed([b"y" * ring.max_item]) == 1
+    assert take_all(RunQueue(ring)) == [b"y" * ring.max_item]
+
+
+def test_read_packed_refuses_a_corrupt_run(ring):
+    with ring.claim() as w:
+        w.try_append_packed([b"a", b"b", b"c"])
+    struct.pack_into("<i", ring._data, layout.TYPE_OFFSET, 7)
+    with pytest.raises(ValueError, match=r"corrupt record at 0 \(type 7"):
+        ring.read_packed(0, ring.published(), 10)
+    struct.pack_into("<i", ring._data, layout.TYPE_OFFSET, layout.TYPE_RUN)
+    struct.pack_into("<I", ring._data, layout.RECORD_HEADER_BYTES, 5)  # 5 items cannot fit in 7 bytes
+    with pytest.raises(ValueError, match=r"corrupt record at 0 \(type 3"):
+        ring.read_packed(0, ring.published(), 10)
+    struct.pack_into("<I", ring._data, layout.RECORD_HEADER_BYTES, 4)  # could fit; found when the items are
+    [run], _ = ring.read_packed(0, ring.published(), 10)
+    with pytest.raises(ValueError, match="3 items in the body, count 4"):
+        _ = run.ends
+
+
+def test_a_batch_may_end_inside_a_run_and_the_rest_is_durable_only_when_taken(ring):
+    queue = RunQueue(ring)
+    items = [b"i%d" % j for j in range(10)]
+    with ring.claim() as w:
+        w.try_append_packed(items, 0)
+    assert queue.fill(100) == 10
+    parts, arrivals = queue.slices(0, 4)
+    assert SEP.join(parts) == SEP.join(items[:4]) and arrivals == [(0, 4)]
+    assert queue.positions(2, 3) == [2, 3, 4]
+    queue.consume(4)
+    assert (ring.released(), ring.durable()) == (0, 4)  # the run's bytes are kept, its first 4 items are done
+    restarted = RunQueue(ring)  # a successor skips what was done
+    assert restarted.fill(100) == 6 and restarted.positions(0, 6) == list(range(4, 10))
+    assert take_all(restarted) == items[4:]
+    assert ring.released() == ring.durable() == ring.published()
+
+
+class PackedModel:
+    """What a packed ring must hand out: published items by position, in order."""
 
     def __init__(self) -> None:
-        self.published: collections.deque[tuple[int, bytes, int]] = collections.deque()  # position, payload, stamp
-        self.pending: list[tuple[int, bytes, int]] = []
+        self.published: list[tuple[int, bytes]] = []
+        self.pending: list[tuple[int, bytes]] = []
+        self.done = 0  # items consumed (the durable cursor's count)
 
 
-payload_st = st.one_of(
-    st.binary(max_size=40),
-    st.binary(min_size=200, max_size=CAP // 2 - layout.RECORD_HEADER_BYTES),
-    st.integers(0, 40).map(lambda n: header_like(n) * (1 + n % 3)),
+item_st = st.one_of(
+    st.binary(max_size=30).map(lambda b: b.replace(b"\n", b" ")),
+    st.integers(200, layout.max_item(CAP)).map(lambda n: b"L" * n),
 )
-op_st = st.one_of(
-    st.tuples(st.just("run"), st.lists(payload_st, max_size=12), st.booleans()),
-    st.tuples(st.just("one"), payload_st, st.booleans()),
+packed_op_st = st.one_of(
+    st.tuples(st.just("append"), st.lists(item_st, min_size=1, max_size=15)),
     st.tuples(st.just("publish")),
     st.tuples(st.just("abort")),
-    st.tuples(st.just("read"), st.integers(1, 20), st.booleans(), st.integers(0, 20)),
+    st.tuples(st.just("take"), st.integers(1, 40)),
+    st.tuples(st.just("restart")),
+    st.tuples(st.just("die_between_cursors"), st.integers(1, 40)),
 )
 
 
-@pytest.mark.parametrize("short_run", [1, 1 << 30], ids=["one run", "record by record"])
-@settings(max_examples=150, deadline=None)
-@given(ops=st.lists(op_st, max_size=60))
-def test_runs_match_a_model_of_the_ring(short_run, ops):
-    """Random appends (runs and single records, any size up to the limit,
-    header-like payloads), publishes, aborts, reads of any length and
-    releases part way: what is read is exactly what was published, in
-    order, at the positions the producer reported."""
-    with mock.patch.object(ring_module, "_SHORT_RUN", short_run):
-        check_against_model(ops)
-
-
-def check_against_model(ops) -> None:
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(packed_op_st, max_size=60))
+def test_packed_runs_match_a_model_whatever_the_consumer_takes(ops):
+    """Random packed appends (tiny items, items up to the largest, runs
+    crossing the end of the lap), publishes, aborts, takes of any count
+    (batches ending inside runs), consumer restarts, and a consumer killed
+    between storing the durable and the release cursor: every item is handed
+    out once, in order, at the position the producer reported, and a
+    restarted consumer starts right after the last item it was done with."""
     seg, ring = fresh_ring()
-    model = Model()
-    pos = 0  # the consumer's next read
-    stamp = 0
+    model = PackedModel()
+    queue = RunQueue(ring)
     try:
         for op in ops:
-            if op[0] in ("run", "one"):
-                payloads = op[1] if op[0] == "run" else [op[1]]
-                stamps = list(range(stamp, stamp + len(payloads)))
-                stamp += len(payloads)
+            if op[0] == "append":
                 positions: list[int] = []
-                if op[0] == "run":
-                    count = ring.try_append_run(payloads, stamps if op[2] else 5, positions)
-                else:
-                    before = ring.claimed
-                    count = int(ring.try_append(payloads[0], stamps[0] if op[2] else 5))
-                    if count:
-                        positions = [ring.claimed - layout.record_size(len(payloads[0]))]
-                        assert positions[0] >= before
-                assert len(positions) == count <= len(payloads)
-                if count < len(payloads):  # full: the next one really does not fit, with its pad if it wraps
-                    size, tail = layout.record_size(len(payloads[count])), CAP - (ring.claimed & (CAP - 1))
-                    assert ring.free_bytes() < (size if size <= tail else tail + size)
-                model.pending += zip(positions, payloads, stamps if op[2] else [5] * count)
+                count = ring.try_append_packed(op[1], 3, positions)
+                assert len(positions) == count
+                if count < len(op[1]):  # full: the next item really does not fit, even after a pad
+                    tail = CAP - (ring.claimed & (CAP - 1))
+                    need = layout.align(layout.RUN_HEADER_BYTES + len(op[1][count]))
+                    assert ring.free_bytes() < (need if need <= tail else tail + need)
+                model.pending += zip(positions, op[1])
             elif op[0] == "publish":
                 ring.publish()
-                model.published.extend(model.pending)
+                model.published += model.pending
                 model.pending = []
             elif op[0] == "abort":
                 ring.abort()
                 model.pending = []
+            elif op[0] == "restart":
+                queue = RunQueue(ring)
             else:
-                _, limit, copy, keep = op
-                run = ring.read(pos, ring.published(), limit, copy=copy)
-                expected = list(model.published)[:limit]
-                assert run.positions == [p for p, _, _ in expected]
-                assert [bytes(x) for x in run.payloads] == [x for _, x, _ in expected]
-                assert run.recv_ns == [s for _, _, s in expected]
-                run.detach()
-                # Release all of it, or stop after ``keep`` records (the
-                # flusher releases up to the first record it has not written).
-                released = run.end if keep >= len(run) else run.positions[keep]
-                ring.release_to(released)
-                pos = released
-                while model.published and model.published[0][0] < released:
-                    model.published.popleft()
+                queue.fill(op[1])
+                k = min(op[1], queue.count)
+                expected = model.published[model.done : model.done + k]
+                assert queue.positions(0, k) == [p for p, _ in expected]
+                parts, arrivals = queue.slices(0, k)
+                assert SEP.join(parts) == SEP.join(x for _, x in expected)
+                assert sum(n for _, n in arrivals) == k
+                if op[0] == "take":
+                    queue.consume(k)
+                else:  # killed after the durable cursor, before the release cursor
+                    after = queue.positions(k, 1)[0] if k < queue.count else queue.end
+                    ring.durable_cursor.store_release(max(after, ring.durable()))
+                    queue = RunQueue(ring)
+                model.done += k
+                assert ring.durable() == (
+                    model.published[model.done][0] if model.done < len(model.published) else ring.durable()
+                )
         ring.publish()
-        model.published.extend(model.pending)
-        run = ring.read(pos, ring.published(), 1 << 30, copy=True)
-        assert run.payloads == [x for _, x, _ in model.published]
-        assert run.end == ring.published()
+        model.published += model.pending
+        assert take_all(RunQueue(ring)) == [x for _, x in model.published[model.done :]]
+        assert ring.released() == ring.durable() == ring.published()
     finally:
         close(seg, ring)
 
 
 # ------------------------------------------------------- a writer killed mid-run
 def _record(seq: int) -> bytes:
-    """A self-checking payload: seq, a body of seq-dependent length, CRC."""
+    """A self-checking item (no newline): seq, a body of seq-dependent length, CRC."""
     body = (b"%d|" % seq) * (1 + seq % 23)
-    return struct.pack("<q", seq) + body + struct.pack("<I", zlib.crc32(body))
+    return b"%d:%s:%08x" % (seq, body, zlib.crc32(body))
 
 
 def _check(payload: bytes) -> int:
-    (seq,) = struct.unpack_from("<q", payload)
-    body = payload[8:-4]
-    assert body == (b"%d|" % seq) * (1 + seq % 23) and struct.unpack("<I", payload[-4:])[0] == zlib.crc32(body)
-    return seq
+    seq, body, crc = payload.split(b":")
+    assert body == (b"%d|" % int(seq)) * (1 + int(seq) % 23) and int(crc, 16) == zlib.crc32(body)
+    return int(seq)
 
 
 def _endless_writer(ring: Ring, first: int, data: Wakeup, space: Wakeup) -> None:
-    """Append runs of 1-300 records, publish, repeat, until killed."""
+    """Append packed runs of 1-300 items, publish, repeat, until killed."""
     rng = random.Random(first)
     ring.resume_producer()
     seq = first
     while True:
         run = [_record(s) for s in range(seq, seq + rng.randrange(1, 300))]
         with ring.claim() as w:
-            seq += w.try_append_run(run, seq)
+            seq += w.try_append_packed(run, seq)
         data.signal()
         if ring.free_bytes() < 64 << 10:
             space.wait(0.05)
 
 
-def test_writer_killed_mid_run_exposes_only_whole_records():
-    """SIGKILL a producer while it writes runs, three times: the consumer
-    reads only whole records (each checks its own CRC), in sequence, and a
-    restarted producer continues right after the last published one."""
+def test_writer_killed_mid_run_exposes_only_whole_runs():
+    """SIGKILL a producer while it writes packed runs, three times: the
+    consumer reads only whole items (each checks its own CRC), in sequence,
+    and a restarted producer continues right after the last published one."""
     seg, ring = fresh_ring(1 << 20)
     data, space = Wakeup(), Wakeup()
     ctx = multiprocessing.get_context("fork")
+    queue = RunQueue(ring)
     seen = 0  # the next seq the consumer expects
-    pos = 0
     rng = random.Random(3)
 
     def consume() -> int:
-        nonlocal pos, seen
-        run = ring.read(pos, ring.published(), 1 << 30, copy=True)
-        for payload, stamp in zip(run.payloads, run.recv_ns):
+        nonlocal seen
+        if not queue.fill(1 << 30):
+            return 0
+        first_stamp = queue.oldest_ns()
+        assert first_stamp <= seen  # each run is stamped with its first seq
+        items = take_all(queue)
+        for payload in items:
             assert _check(payload) == seen
-            assert stamp <= seen  # each run is stamped with its first seq
             seen += 1
-        pos = run.end
-        ring.release_to(pos)
         space.signal()
-        return len(run)
+        return len(items)
 
     try:
         for _ in range(3):
@@ -562,7 +601,7 @@ def test_writer_killed_mid_run_exposes_only_whole_records():
                     if not consume():
                         data.wait(0.5)
                         assert proc.is_alive(), f"writer exited with {proc.exitcode}"
-                # Now, most likely inside try_append_run: the writer spends
+                # Now, most likely inside try_append_packed: the writer spends
                 # nearly all its time there.
                 os.kill(proc.pid, signal.SIGKILL)
             finally:
@@ -573,7 +612,7 @@ def test_writer_killed_mid_run_exposes_only_whole_records():
             assert proc.exitcode == -signal.SIGKILL
             while consume():  # everything it published, and nothing else
                 pass
-            assert ring.published() == pos
+            assert ring.published() == queue.end
             ring.resume_producer()  # this process's view of the producer side starts at the cursor too
     finally:
         close(seg, ring)
