@@ -9,20 +9,28 @@ runs (or lists) of ``--chunk`` records, the reader takes up to
 ``--max-batch`` at a time and does the flusher's work with them.
 
 ``ring``
-    The writer appends each chunk with ``Ring.try_append_run`` (places from
-    one cumulative sum, one ``struct`` copy, headers by numpy), publishes it
-    with one cursor store and signals an ``ipc.wakeup.Wakeup``. The reader
-    loads the cursor once, reads every complete record up to ``--max-batch``
-    (``Ring.read(copy=True)``), does the consumer's work, releases with one
-    cursor store and signals the writer's "space" wake-up. A full ring makes
-    the writer block on that wake-up.
+    What an ingest and a flusher lane do: the writer appends each chunk as
+    one packed run (``Ring.try_append_packed``: one ``join``, one vector
+    check for newlines, one copy), publishes it with one cursor store and
+    signals an ``ipc.wakeup.Wakeup``. The reader keeps an
+    ``ipc.runqueue.RunQueue``: it reads every published run (one copy of
+    each body), takes up to ``--max-batch`` items as a few body slices, does
+    the consumer's work with them, consumes them (durable and release
+    cursors, one store each) and signals the writer's "space" wake-up. A
+    full ring makes the writer block on that wake-up.
 ``ring_per_record``
-    The same ring driven one record at a time, as before the bulk paths:
-    ``try_append`` per record, the reader's payloads as one memoryview each
-    (what the flusher still asks for).
+    The same ring driven one record per intent, as the engine's intent
+    rings were before packed runs (and as its outcome rings still are):
+    ``try_append`` per record, the reader's payloads as one memoryview each.
 ``mp_queue_batched``
     ``multiprocessing.Queue`` carrying one list of ``--chunk`` records per
     ``put``: the baseline of the ratio column.
+``mp_queue_joined``
+    ``multiprocessing.Queue`` carrying, per ``put``, a chunk's records
+    already joined by ``,\\n`` (and their count): the packed run's idea
+    without the ring. The reader gets the batch text's inside in one
+    ``get``, but no item boundaries: it cannot take part of a chunk or
+    address an item (a flusher needs both), so it is shown, not the baseline.
 ``mp_queue``
     ``multiprocessing.Queue``, one record per ``put`` and ``get``.
 ``faster_fifo``
@@ -32,8 +40,10 @@ runs (or lists) of ``--chunk`` records, the reader takes up to
 The consumer's work (``--consume``) is the flusher's: ``join`` builds the
 batch text it sends to PostgreSQL (``[`` + the payloads joined by ``,`` +
 ``]``); ``decode`` also decodes that batch with one msgspec call, as the
-state planner does. Every variant ends with the same batches, so the
-transport is the difference. The reader checks each run it receives against
+state planner does. Every variant ends with the same batches (the packed
+ones have a newline after each comma inside a run: the same JSON), so the
+transport is the difference; a packed writer pays the ``join`` the queue
+readers pay, inside the timed span either way. The reader checks each run it receives against
 the records sent (its first and last record and its length), so a lost,
 repeated or reordered record fails the round.
 
@@ -79,6 +89,7 @@ from engine.options import Options
 from ipc import layout
 from ipc.cursors import Counters
 from ipc.ring import Ring
+from ipc.runqueue import RunQueue
 from ipc.shm import Segment
 from ipc.wakeup import Wakeup
 
@@ -286,26 +297,36 @@ class Bench:
 
             consume, check, max_batch, n = self.consume, _Check(self.payloads), self.max_batch, self.n
             pos = ring.released()
+            queue = RunQueue(ring)
             got = runs = waits = 0
             t0 = time.perf_counter()
             hs.go.signal()
             while got < n:
                 published = ring.published()  # one cursor load per run
-                if published == pos:
+                if (published == queue.end and not queue.count) if bulk else published == pos:
                     waits += 1
                     if not data_wake.wait(WAIT_S):
                         _check_alive(proc, deadline, f"ring run stalled at {got}/{n}")
                     continue
-                run = ring.read(pos, published, max_batch, copy=bulk)
-                payloads = run.payloads
-                consume(payloads)
-                check.run(payloads[0], payloads[-1], len(payloads))
-                got += len(payloads)
-                run.detach()
-                pos = run.end
-                ring.release_to(pos)  # one cursor store per run
+                if bulk:  # as a flusher lane: packed runs, a batch is a few slices
+                    have = queue.fill(max_batch)
+                    k = min(have, max_batch)
+                    parts, _ = queue.slices(0, k)
+                    consume(parts)
+                    check.run(queue.item(0), queue.item(k - 1), k)
+                    queue.consume(k)  # one cursor store per batch
+                    got += k
+                else:
+                    run = ring.read(pos, published, max_batch)
+                    payloads = run.payloads
+                    consume(payloads)
+                    check.run(payloads[0], payloads[-1], len(payloads))
+                    got += len(payloads)
+                    run.detach()
+                    pos = run.end
+                    ring.release_to(pos)  # one cursor store per run
+                    run = None
                 space_wake.signal()
-                run = None
                 runs += 1
             elapsed = time.perf_counter() - t0
             self._finish(proc, hs)
@@ -407,6 +428,38 @@ class Bench:
             q.close()
             q.join_thread()
 
+    def mp_queue_joined(self) -> Run:
+        q = self.ctx.Queue()
+        proc, hs = self._start(_queue_writer, q, self.payloads, -self.chunk)
+        try:
+            deadline = time.monotonic() + self.timeout_s
+            hs.reader_wait_ready(proc, deadline)
+            consume, check, get, n = self.consume, _Check(self.payloads), q.get, self.n
+            got = gets = 0
+            t0 = time.perf_counter()
+            hs.go.signal()
+            while got < n:
+                try:
+                    count, body = get(True, WAIT_S)
+                except queue_mod.Empty:
+                    _check_alive(proc, deadline, f"joined queue run stalled at {got}/{n}")
+                    continue
+                consume([body])
+                first = body[: body.index(b"\n") - 1] if count > 1 else body
+                check.run(first, body[body.rfind(b"\n") + 1 :], count)
+                got += count
+                gets += 1
+            elapsed = time.perf_counter() - t0
+            self._finish(proc, hs)
+            proc = None
+            return Run(elapsed, n, {"gets": gets})
+        finally:
+            if proc is not None:  # aborted: stop the writer now
+                _reap(proc, grace=0)
+                hs.close()
+            q.close()
+            q.join_thread()
+
     # -------------------------------------------------------- faster-fifo
     def faster_fifo(self) -> Run:
         import faster_fifo  # only called when importable
@@ -495,7 +548,7 @@ def _ring_writer(
             now = time.monotonic_ns()  # an ingest stamps each socket read
             with ring.claim() as w:
                 if bulk:
-                    i += w.try_append_run(payloads[i:end], now)
+                    i += w.try_append_packed(payloads[i:end], now)
                 else:
                     append = w.try_append
                     while i < end and append(payloads[i], now):
@@ -514,7 +567,8 @@ def _ring_writer(
 
 
 def _queue_writer(hs: Handshake, parent: int, q: Any, payloads: list[bytes], per_put: int) -> None:
-    """Producer for multiprocessing.Queue: one record per put, or lists."""
+    """Producer for multiprocessing.Queue: one record per put, lists of
+    ``per_put``, or (``per_put`` < 0) ``(count, the records joined by ",\\n")``."""
     _writer_signals()
     payloads = _touch(payloads)
     hs.writer_ready_then_wait(parent)
@@ -522,6 +576,10 @@ def _queue_writer(hs: Handshake, parent: int, q: Any, payloads: list[bytes], per
     if per_put == 1:
         for p in payloads:
             put(p)
+    elif per_put < 0:
+        for i in range(0, len(payloads), -per_put):
+            chunk = payloads[i : i - per_put]
+            put((len(chunk), layout.RUN_SEPARATOR.join(chunk)))
     else:
         for i in range(0, len(payloads), per_put):
             put(payloads[i : i + per_put])
@@ -555,9 +613,10 @@ class Variant:
 
 
 VARIANTS = [
-    Variant("ring", "ipc.ring.Ring, runs (try_append_run, read copy)", "ring"),
+    Variant("ring", "ipc.ring.Ring, packed runs (RunQueue)", "ring"),
     Variant("ring_per_record", "ipc.ring.Ring, record by record (views)", "ring_per_record"),
     Variant("mp_queue_batched", "multiprocessing.Queue, one list per put", "mp_queue_batched"),
+    Variant("mp_queue_joined", "multiprocessing.Queue, one joined bytes per put", "mp_queue_joined"),
     Variant("mp_queue", "multiprocessing.Queue, one record per put", "mp_queue"),
     Variant("faster_fifo", "faster_fifo.Queue, put + get_many", "faster_fifo", requires="faster_fifo"),
 ]
@@ -581,7 +640,7 @@ def run_benchmark(
     variants = [BY_KEY[k] for k in only] if only else VARIANTS
     payloads = make_payloads(n)
     payload_bytes = sum(map(len, payloads)) / n
-    if max(map(len, payloads)) > layout.max_payload(ring_bytes):  # pragma: no cover - 8 KiB rings and up
+    if max(map(len, payloads)) > layout.max_item(ring_bytes):  # pragma: no cover - 8 KiB rings and up
         raise ValueError(f"ring of {ring_bytes} bytes cannot hold a {max(map(len, payloads))}-byte record")
     bench = Bench(
         payloads, chunk=chunk, max_batch=max_batch, ring_bytes=ring_bytes, timeout_s=timeout_s, consume=consume
