@@ -43,24 +43,34 @@ class RunQueue:
 
     def fill(self, limit: int) -> int:
         """Read newly published runs while fewer than ``limit`` items are
-        queued (whole runs: it may end up with more); returns the count."""
-        if self.count < limit:
+        queued (whole runs: it may end up with more); returns the count.
+
+        Runs a predecessor was wholly done with (below the durable cursor:
+        it was killed between its two cursor stores) are skipped and
+        released here, and do not count against ``limit``: nothing else
+        would release them, and a full ring would stay full."""
+        skipped = False
+        while self.count < limit:
             published = self.ring.published()
-            if published > self.end:
-                runs, self.end = self.ring.read_packed(self.end, published, limit - self.count)
-                durable = self._durable
-                for run in runs:
-                    if run.position < durable:  # a predecessor was done with some of it
-                        if run.end <= durable:
-                            continue
-                        run.taken = durable - run.position
-                        if run.taken >= len(run):
-                            raise ValueError(
-                                f"{self.ring.name}: durable cursor {durable} lies past the items "
-                                f"of the run at {run.position}"
-                            )
-                    self.runs.append(run)
-                    self.count += len(run) - run.taken
+            if published <= self.end:
+                break
+            runs, self.end = self.ring.read_packed(self.end, published, limit - self.count)
+            durable = self._durable
+            for run in runs:
+                if run.position < durable:  # a predecessor was done with some of it
+                    if run.end <= durable:
+                        skipped = True
+                        continue
+                    run.taken = durable - run.position
+                    if run.taken >= len(run):
+                        raise ValueError(
+                            f"{self.ring.name}: durable cursor {durable} lies past the items "
+                            f"of the run at {run.position}"
+                        )
+                self.runs.append(run)
+                self.count += len(run) - run.taken
+        if skipped:
+            self._store_cursors()
         return self.count
 
     def oldest_ns(self) -> int:
@@ -122,8 +132,13 @@ class RunQueue:
                 break
             runs.popleft()
             k -= left
-        if runs:
-            run = runs[0]
+        self._store_cursors()
+
+    def _store_cursors(self) -> None:
+        """Durable after the last item done with, release before the first
+        run that still holds one."""
+        if self.runs:
+            run = self.runs[0]
             release, durable = run.position, run.position + run.taken
         else:
             release = durable = self.end

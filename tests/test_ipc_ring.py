@@ -459,6 +459,51 @@ def test_a_batch_may_end_inside_a_run_and_the_rest_is_durable_only_when_taken(ri
     assert ring.released() == ring.durable() == ring.published()
 
 
+def test_a_successor_releases_what_its_predecessor_was_done_with_before_it_died():
+    """A flusher killed between its durable and its release store, after a
+    batch that took everything in a full ring: its successor has nothing to
+    take, so it must release the runs it skips itself, or the ingest could
+    never write again."""
+    seg, ring = fresh_ring()
+    try:
+        n = 0
+        while True:  # the ingest fills the ring, one run per socket read
+            with ring.claim() as w:
+                got = w.try_append_packed([b'["c",%d,"e","k",{},1]' % i for i in range(n, n + 8)])
+            n += got
+            if got < 8:
+                break
+        queue = RunQueue(ring)
+        queue.fill(1 << 30)
+        ring.durable_cursor.store_release(queue.end)  # consume(all), killed before the release store
+        assert ring.released() == 0 and ring.free_bytes() < 64
+        successor = RunQueue(ring)
+        assert successor.fill(1 << 30) == 0
+        assert ring.released() == ring.durable() == ring.published()
+        with ring.claim() as w:
+            assert w.try_append_packed([b"next"]) == 1
+        assert take_all(successor) == [b"next"]
+    finally:
+        close(seg, ring)
+
+
+def test_skipped_runs_do_not_count_against_what_a_successor_reads():
+    seg, ring = fresh_ring(1 << 16)
+    try:
+        for r in range(10):
+            with ring.claim() as w:
+                w.try_append_packed([b"%d" % (8 * r + i) for i in range(8)])
+        queue = RunQueue(ring)
+        queue.fill(1 << 30)
+        ring.durable_cursor.store_release(queue.positions(40, 1)[0])  # a 40-item batch; killed between stores
+        successor = RunQueue(ring)
+        assert successor.fill(8) == 8  # not 0: the five runs it skips are not what it was asked for
+        assert successor.positions(0, 1) == queue.positions(40, 1)
+        assert ring.released() == queue.runs[5].position  # the skipped runs are released at once
+    finally:
+        close(seg, ring)
+
+
 class PackedModel:
     """What a packed ring must hand out: published items by position, in order."""
 
