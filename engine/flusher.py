@@ -337,9 +337,8 @@ class FlusherProcess:
         """Hand every outcome of these positions to the ingest; returns only
         when all are in the outcome ring (the caller releases after that).
         The ingest drains the ring whenever it is woken and holds what it
-        read until the release (engine/handoff.py); rare path."""
-        if not result.outcomes:
-            return
+        read until the release (engine/handoff.py); rare path: called only
+        for a batch with outcomes."""
         outbox = self.outboxes[ring_index]
         pending = []
         for j, pos in enumerate(positions):

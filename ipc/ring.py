@@ -44,31 +44,6 @@ _U64 = struct.Struct("<Q")
 _COUNT = struct.Struct("<I")
 
 
-class _Formats(dict[int, str]):
-    """A ``struct`` format for one record, by payload length: ``head``
-    (the header's codes), the payload, the padding up to the next record.
-    A run's format is these joined, so one ``struct`` call writes or reads a
-    whole run. Formats of payloads up to ``_CACHED_LENGTHS`` are kept."""
-
-    def __init__(self, head: str) -> None:
-        super().__init__()
-        self.head = head
-
-    def __missing__(self, n: int) -> str:
-        fmt = f"{self.head}{n}s{layout.record_size(n) - layout.RECORD_HEADER_BYTES - n}x"
-        if n <= _CACHED_LENGTHS:
-            self[n] = fmt
-        return fmt
-
-
-# An ingest sees a handful of distinct lengths up to its largest frame
-# (64 KiB): those are kept. Longer payloads build theirs each time rather
-# than grow the caches without bound.
-_CACHED_LENGTHS = 1 << 16
-# A record's payload past its header: the producer copies payloads in
-# (numpy writes the headers), the consumer copies them out.
-_PAYLOAD_FORMATS = _Formats(f"{layout.RECORD_HEADER_BYTES}x")
-
 # The consumer's scan (``Ring._scan``) looks at this many words per record it
 # may take: 128 bytes, more than an intent's ~96, so one window usually
 # covers the run; a shorter guess costs another window, a longer one a scan
@@ -93,8 +68,7 @@ class Run:
     """Records read in one pass: parallel lists plus where the pass ended.
 
     ``payloads`` are views into shared memory, valid until the consumer
-    releases past them (copy what must outlive that and call ``detach``),
-    or bytes when the run was read with ``copy=True``.
+    releases past them (copy what must outlive that and call ``detach``).
     """
 
     __slots__ = ("end", "payloads", "positions", "recv_ns")
@@ -102,16 +76,15 @@ class Run:
     def __init__(self, start: int) -> None:
         self.positions: list[int] = []
         self.recv_ns: list[int] = []
-        self.payloads: list[Any] = []  # memoryview, or bytes (copy=True)
+        self.payloads: list[memoryview] = []
         self.end = start
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def detach(self) -> None:
-        """Release the views (a no-op for copied payloads)."""
-        if self.payloads and type(self.payloads[0]) is memoryview:
-            collections.deque(map(memoryview.release, self.payloads), maxlen=0)
+        """Release the views."""
+        collections.deque(map(memoryview.release, self.payloads), maxlen=0)
         self.payloads = []
 
 
@@ -298,19 +271,16 @@ class Ring:
             tail = self.capacity - idx
             budget = min(tail, half)
             whole = layout.align(fixed + len(body) - start)
-            if pos + min(budget, whole) > self._limit:
-                self._limit = self.release_cursor.load_acquire() + self.capacity
             room = self._limit - pos
+            if whole > min(budget, room):  # the consumer may have made room since the limit was read
+                self._limit = self.release_cursor.load_acquire() + self.capacity
+                room = self._limit - pos
             if whole <= min(budget, room):
                 k, stop = n - done, len(body)
             else:
                 if ends is None:
                     ends = np.append(newlines - 1, len(body))
                 k = self._fits(ends, done, start, min(budget, room))
-                if k <= 0:  # maybe the consumer made room since the limit was read
-                    self._limit = self.release_cursor.load_acquire() + self.capacity
-                    room = self._limit - pos
-                    k = self._fits(ends, done, start, min(budget, room))
                 if k <= 0:  # not even the next item fits before the end of the lap
                     first = layout.align(fixed + int(ends[done]) - start)
                     if room <= tail or first > min(room - tail, half):
@@ -373,16 +343,12 @@ class Ring:
         """The producer's cursor (acquire): records before it are complete."""
         return self.write_cursor.load_acquire()
 
-    def read(self, start: int, end: int, max_records: int, *, copy: bool = False) -> Run:
+    def read(self, start: int, end: int, max_records: int) -> Run:
         """Parse up to ``max_records`` records in ``[start, end)``; ``end`` must
         be a published cursor value. Trailing pads are consumed too, so
         ``run.end`` is where the next read starts. Raises ValueError on a
         header no producer writes (corrupt memory, or a wrong ``start``).
-
-        The payloads are views into the ring, or with ``copy=True`` bytes
-        copied out of it: valid after the release, nothing to ``detach``, and
-        about three times cheaper to make (one ``struct`` call per lap
-        instead of one memoryview per record)."""
+        The payloads are views into the ring (``Run.detach``)."""
         run = Run(start)
         pos = start
         left = max_records
@@ -398,14 +364,10 @@ class Ring:
                 byte_starts = starts << shift
                 run.positions += (byte_starts + lap_start).tolist()
                 run.recv_ns += words[starts + layout.RECV_NS_WORD].tolist()
-                if copy:  # the records lie end to end: one struct call copies every payload out
-                    image = struct.Struct("<" + "".join(map(_PAYLOAD_FORMATS.__getitem__, lengths.tolist())))
-                    run.payloads += image.unpack_from(self._data, int(byte_starts[0]))
-                else:
-                    first_bytes = byte_starts + layout.RECORD_HEADER_BYTES
-                    run.payloads += map(
-                        self._data.__getitem__, map(slice, first_bytes.tolist(), (first_bytes + lengths).tolist())
-                    )
+                first_bytes = byte_starts + layout.RECORD_HEADER_BYTES
+                run.payloads += map(
+                    self._data.__getitem__, map(slice, first_bytes.tolist(), (first_bytes + lengths).tolist())
+                )
                 left -= starts.size
             pos = lap_start + (self.capacity if pad else after << shift)
         if pos < end and not left:

@@ -88,7 +88,7 @@ from engine.metrics import exit_name
 from engine.options import Options
 from ipc import layout
 from ipc.cursors import Counters
-from ipc.ring import Ring
+from ipc.ring import Packed, Ring
 from ipc.runqueue import RunQueue
 from ipc.shm import Segment
 from ipc.wakeup import Wakeup
@@ -398,39 +398,17 @@ class Bench:
             q.join_thread()
 
     def mp_queue_batched(self) -> Run:
-        q = self.ctx.Queue()
-        proc, hs = self._start(_queue_writer, q, self.payloads, self.chunk)
-        try:
-            deadline = time.monotonic() + self.timeout_s
-            hs.reader_wait_ready(proc, deadline)
-            consume, check, get, n = self.consume, _Check(self.payloads), q.get, self.n
-            got = gets = 0
-            t0 = time.perf_counter()
-            hs.go.signal()
-            while got < n:
-                try:
-                    payloads = get(True, WAIT_S)
-                except queue_mod.Empty:
-                    _check_alive(proc, deadline, f"batched queue run stalled at {got}/{n}")
-                    continue
-                consume(payloads)
-                check.run(payloads[0], payloads[-1], len(payloads))
-                got += len(payloads)
-                gets += 1
-            elapsed = time.perf_counter() - t0
-            self._finish(proc, hs)
-            proc = None
-            return Run(elapsed, n, {"gets": gets})
-        finally:
-            if proc is not None:  # aborted: stop the writer now
-                _reap(proc, grace=0)
-                hs.close()
-            q.close()
-            q.join_thread()
+        return self._mp_queue_chunks(self.chunk, "batched", lambda p: (p, p[0], p[-1], len(p)))
 
     def mp_queue_joined(self) -> Run:
+        return self._mp_queue_chunks(-self.chunk, "joined", _joined)
+
+    def _mp_queue_chunks(self, per_put: int, what: str, unpack: Callable[[Any], Any]) -> Run:
+        """A Queue carrying one chunk per put (``_queue_writer``'s
+        ``per_put``); ``unpack`` turns what ``get`` returns into the
+        consumer's parts, the chunk's first and last record and its count."""
         q = self.ctx.Queue()
-        proc, hs = self._start(_queue_writer, q, self.payloads, -self.chunk)
+        proc, hs = self._start(_queue_writer, q, self.payloads, per_put)
         try:
             deadline = time.monotonic() + self.timeout_s
             hs.reader_wait_ready(proc, deadline)
@@ -440,13 +418,12 @@ class Bench:
             hs.go.signal()
             while got < n:
                 try:
-                    count, body = get(True, WAIT_S)
+                    parts, first, last, count = unpack(get(True, WAIT_S))
                 except queue_mod.Empty:
-                    _check_alive(proc, deadline, f"joined queue run stalled at {got}/{n}")
+                    _check_alive(proc, deadline, f"{what} queue run stalled at {got}/{n}")
                     continue
-                consume([body])
-                first = body[: body.index(b"\n") - 1] if count > 1 else body
-                check.run(first, body[body.rfind(b"\n") + 1 :], count)
+                consume(parts)
+                check.run(first, last, count)
                 got += count
                 gets += 1
             elapsed = time.perf_counter() - t0
@@ -494,6 +471,13 @@ class Bench:
                 _reap(proc, grace=0)
                 hs.close()
             q.close()
+
+
+def _joined(got: tuple[int, bytes]) -> tuple[list[bytes], bytes, bytes, int]:
+    """``mp_queue_joined``'s ``(count, joined records)``, read back with the
+    packed run's own reader."""
+    run = Packed(0, 0, 0, *got)
+    return [run.body], run.item(0), run.item(run.count - 1), run.count
 
 
 def _consumer(kind: str) -> Callable[[Sequence[Any]], Any]:
